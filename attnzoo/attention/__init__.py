@@ -1,0 +1,27 @@
+"""Attention primitives: pure functions, one module per family, and the registry.
+
+`FAMILIES` maps a family name to its `registry.Family` entry; `get(name)` looks one
+up. Adding a family = one module with a `FAMILY` entry + one line below.
+"""
+
+from __future__ import annotations
+
+from attnzoo.attention import softmax
+from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
+from attnzoo.attention.softmax import dot_product_attention
+
+FAMILIES: dict[str, Family] = {
+    "softmax": softmax.FAMILY,
+}
+
+
+def get(name: str) -> Family:
+  """The registry entry of family `name`; KeyError lists the valid names."""
+  try:
+    return FAMILIES[name]
+  except KeyError:
+    raise KeyError(f"unknown attention family {name!r}; valid names: {sorted(FAMILIES)}") from None
+
+
+__all__ = ["FAMILIES", "IMPLEMENTATIONS", "Family", "dot_product_attention", "get",
+           "resolve_implementation"]

@@ -1,0 +1,192 @@
+"""Softmax (dot-product) attention with every common mask.
+
+    out = softmax(mask(cap(scale * q kᵀ) + bias)) v,        cap(x) = c · tanh(x / c)
+
+"Attention Is All You Need" (Vaswani et al., arXiv 1706.03762, Eq. 1), with the
+tanh logit soft-cap of Gemma 2 (arXiv 2408.00118, §2) applied before the bias.
+
+Shapes: q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; N % K == 0 is
+grouped-query attention (query head n reads kv head n // (N // K)), computed
+without materialising repeated kv heads.
+
+Masks compose by AND: a structured `attnzoo.masks.Mask` or a boolean array
+broadcastable to [B,N,T,S] (`mask=`), `is_causal` (top-left aligned, as
+`jax.nn.dot_product_attention`), and packed-sequence `segment_ids` (keep equal ids).
+
+Implementations (one semantics): "xla" — the readable reference below; "chunked"
+— flash-style tiles in jnp with O(T·H) memory and block skipping
+(`softmax_chunked.py`); "pallas" — the block-sparse Pallas kernel
+(`pallas_kernels.block_sparse`).
+
+Differences from the paper / from `jax.nn.dot_product_attention`: a query row
+whose keys are all masked returns zeros (jax returns the mean of v), with finite
+gradients; logits and softmax statistics are always fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attnzoo.attention import _validate, registry
+from attnzoo.attention.softmax_chunked import MASK_VALUE, chunked_attention
+from attnzoo.masks import Causal, Mask
+from pallas_kernels.block_sparse import BlockSizes
+
+# Largest default tile of the chunked path; 512 x 512 was the fastest tile on these CPUs
+# (shared/notes/peers-on-cpu.md).
+_CHUNKED_TILE = 512
+
+
+def dot_product_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K V"],
+    *,
+    mask: Mask | jax.Array | None = None,
+    bias: Float[Array, "..."] | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Float[Array, "B T N V"]:
+  """Softmax attention; see the module docstring for the equation and conventions.
+
+  Args:
+    q, k, v: queries [B,T,N,H], keys [B,S,K,H], values [B,S,K,Hv].
+    mask: a `Mask` (structured; enables block skipping) or a bool array
+      broadcastable to [B,N,T,S]; True = keep.
+    bias: additive logits bias broadcastable to [B,N,T,S] (differentiable).
+    is_causal: AND a top-left aligned causal mask (key j visible to query i iff j <= i).
+    scale: logits scale, default 1/sqrt(H).
+    segment_ids: int [B,T] (self-attention, T == S) or a pair (q_ids [B,T], kv_ids [B,S]).
+    logits_soft_cap: c > 0 for c·tanh(logits/c).
+    implementation: "xla", "chunked", "pallas", or None for the platform's best.
+    block_sizes: tile sizes of the chunked and pallas paths.
+    interpret: run the Pallas kernel in interpret mode (required on CPU).
+  """
+  B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v)
+  if scale is None:
+    scale = 1.0 / math.sqrt(H)
+  if logits_soft_cap is not None and not logits_soft_cap > 0:
+    raise ValueError(f"logits_soft_cap={logits_soft_cap} must be a positive float or None")
+  structured, dense = _split_mask(mask, (B, N, T, S))
+  if is_causal:
+    structured = Causal() if structured is None else structured & Causal()
+  if bias is not None:
+    bias = _validate.broadcast_to_bnts(jnp.asarray(bias), "bias", (B, N, T, S))
+  segments = _validate.split_segment_ids(segment_ids, B, T, S)
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+
+  name = registry.resolve_implementation(implementation, _IMPLEMENTATIONS, family="softmax")
+  if name == "pallas" and (bias is not None or dense is not None):
+    if implementation == "pallas":
+      raise NotImplementedError(
+          "implementation='pallas' takes structured masks and segment ids, not a dense "
+          "bias/mask array; use implementation='chunked' for those")
+    name = "chunked"
+  return _IMPLEMENTATIONS[name](
+      q, k, v, structured=structured, dense_mask=dense, bias=bias, segment_ids=segments,
+      scale=scale, soft_cap=logits_soft_cap, block_sizes=block_sizes, interpret=interpret)
+
+
+def _split_mask(mask, shape_bnts):
+  if mask is None:
+    return None, None
+  if isinstance(mask, Mask):
+    return mask, None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask array must be boolean (True = keep), got dtype {mask.dtype}")
+  return None, _validate.broadcast_to_bnts(mask, "mask", shape_bnts)
+
+
+# ------------------------------------------------------------------ "xla": the reference
+
+
+def _xla(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, **_):
+  """Materialises the [B,N,T,S] logits; the readable definition of every option."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  q_btkgh = q.reshape(B, T, K, G, H)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if soft_cap is not None:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  if bias is not None:
+    logits = logits + _heads_split(bias, G).astype(jnp.float32)
+  keep = jnp.ones((1, 1, 1, T, S), bool)
+  if structured is not None:
+    q_pos = jnp.arange(T, dtype=jnp.int32)[:, None]
+    k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    keep = keep & jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
+  if dense_mask is not None:
+    keep = keep & _heads_split(dense_mask, G)
+  if segment_ids is not None:
+    q_ids, kv_ids = segment_ids
+    keep = keep & (q_ids[:, None, None, :, None] == kv_ids[:, None, None, None, :])
+  logits = jnp.where(keep, logits, MASK_VALUE)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.where(keep, jnp.exp(logits - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  weights = p / jnp.where(denom > 0, denom, 1.0)  # fully masked rows -> zeros
+  out = jnp.einsum("bkgts,bskv->btkgv", weights, v.astype(jnp.float32))
+  return out.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+
+
+def _heads_split(x_bnts, G):
+  b, n, t, s = x_bnts.shape
+  return x_bnts.reshape(b, 1, 1, t, s) if n == 1 else x_bnts.reshape(b, n // G, G, t, s)
+
+
+# ------------------------------------------------------------------ "chunked" and "pallas"
+
+
+def _default_tile(length: int) -> int:
+  return min(_CHUNKED_TILE, -(-length // 8) * 8)
+
+
+def _chunked(q, k, v, *, block_sizes, **kw):
+  kw.pop("interpret")
+  if block_sizes is None:
+    bq, bk = _default_tile(q.shape[1]), _default_tile(k.shape[1])
+  else:
+    bq, bk = block_sizes.block_q, block_sizes.block_k
+  return chunked_attention(q, k, v, block_q=bq, block_k=bk, **kw)
+
+
+def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, interpret, **_):
+  from pallas_kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
+
+  if jax.default_backend() == "cpu" and not interpret:
+    raise ValueError("implementation='pallas' on CPU needs interpret=True (the Pallas "
+                     "interpreter); use implementation='chunked' for speed on CPU")
+  block_sizes = block_sizes or BlockSizes()
+  T, S = q.shape[1], k.shape[1]
+  if structured is None:
+    from attnzoo.masks import DenseMask  # noqa: PLC0415
+
+    structured = DenseMask(jnp.ones((1, 1), bool))
+  block_map = structured.block_map(T, S, block_sizes.block_q, block_sizes.block_k)
+  return block_sparse_attention(
+      q, k, v, block_map, mask_fn=lambda qp, kp: structured.predicate(qp, kp, jnp),
+      scale=scale, segment_ids=segment_ids, logits_soft_cap=soft_cap, block_sizes=block_sizes,
+      interpret=interpret)
+
+
+_IMPLEMENTATIONS = {"xla": _xla, "chunked": _chunked, "pallas": _pallas}
+
+FAMILY = registry.Family(
+    name="softmax",
+    attention=dot_product_attention,
+    implementations=tuple(_IMPLEMENTATIONS),
+    paper="Attention Is All You Need (arXiv 1706.03762)",
+)

@@ -1,0 +1,317 @@
+"""Flash-style softmax attention in plain jnp: O(T·H) memory forward and backward.
+
+Queries and keys are cut into (block_q, block_k) tiles. For each q tile an online
+softmax (running max `m`, running sum `l`, fp32 accumulator) walks only the kv
+tiles that the mask's `BlockMap` lists; the element predicate is evaluated only
+on PARTIAL tiles. A `custom_vjp` saves the output and the per-row log-sum-exp and
+recomputes tiles in two backward passes, as in FlashAttention-2 (Dao, arXiv
+2307.08691, Alg. 2): a dQ pass over each q tile's kv tiles and a dK/dV pass over
+each kv tile's q tiles (the BlockMap's transposed tables).
+
+This is the reference for the Pallas kernel's tiling, and the best CPU path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from attnzoo.masks import Mask
+from pallas_kernels.block_sparse import BlockMap, num_blocks
+
+# Finite stand-in for -inf: exp(MASK - m) underflows to 0 without producing NaNs.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything about a call that is Python-static (shapes, tables, callables)."""
+
+  seq_q: int
+  seq_k: int
+  block_q: int
+  block_k: int
+  groups: int  # G = N // K
+  scale: float
+  soft_cap: float | None
+  structured: Mask | None
+  block_map: BlockMap
+
+
+def chunked_attention(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap,
+                      block_q, block_k):
+  """q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; inputs already validated.
+
+  dense_mask: bool [Bm,Nm,T,S] or None; bias: float [Bb,Nb,T,S] or None (both with
+  broadcastable leading axes); segment_ids: (q_ids [B,T], kv_ids [B,S]) or None.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if structured is None:
+    kb = num_blocks(S, block_k)
+    full = np.full((num_blocks(T, block_q), kb), 2, np.int32)
+    block_map = BlockMap.from_block_mask(full, block_q=block_q, block_k=block_k, seq_q=T, seq_k=S)
+  else:
+    block_map = structured.block_map(T, S, block_q, block_k)
+  st = _Static(T, S, block_q, block_k, N // K, float(scale), soft_cap, structured, block_map)
+  extras = _Extras(dense_mask=dense_mask, segment_ids=segment_ids)
+  return _attention(st, q, k, v, bias, extras)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+  """Non-differentiable per-element inputs (mask array, segment ids)."""
+
+  dense_mask: jax.Array | None
+  segment_ids: tuple[jax.Array, jax.Array] | None
+
+
+# ------------------------------------------------------------------ layout helpers
+
+
+def _pad_to(x, axis, size, value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _split_heads(x_bnts, groups):
+  """[Bx, Nx, T, S] -> [Bx, Kx, Gx, T, S], where Nx is 1 or N = K * groups."""
+  b, n, t, s = x_bnts.shape
+  if n == 1:
+    return x_bnts.reshape(b, 1, 1, t, s)
+  return x_bnts.reshape(b, n // groups, groups, t, s)
+
+
+def _reduce_to(x, shape):
+  """Sums x over the axes where `shape` has size 1 (the adjoint of broadcasting)."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+class _Tiles:
+  """Padded operands and the per-tile logits/keep computation shared by all passes."""
+
+  def __init__(self, st: _Static, q, k, v, bias, extras: _Extras):
+    self.st = st
+    B, _, N, H = q.shape
+    K = k.shape[2]
+    self.qb, self.kb = num_blocks(st.seq_q, st.block_q), num_blocks(st.seq_k, st.block_k)
+    self.tq, self.tk = self.qb * st.block_q, self.kb * st.block_k
+    self.q = _pad_to(q, 1, self.tq).reshape(B, self.tq, K, st.groups, H)
+    self.k = _pad_to(k, 1, self.tk)
+    self.v = _pad_to(v, 1, self.tk)
+    self.bias = None
+    if bias is not None:
+      self.bias = _split_heads(_pad_to(_pad_to(bias, 2, self.tq), 3, self.tk), st.groups)
+    self.mask = None
+    if extras.dense_mask is not None:
+      m = _pad_to(_pad_to(extras.dense_mask, 2, self.tq, False), 3, self.tk, False)
+      self.mask = _split_heads(m, st.groups)
+    self.seg = None
+    if extras.segment_ids is not None:
+      q_ids, kv_ids = extras.segment_ids
+      self.seg = (_pad_to(q_ids, 1, self.tq, -1), _pad_to(kv_ids, 1, self.tk, -2))
+    self.needs_key_padding = self.tk != st.seq_k
+
+  def q_tile(self, x, i):
+    return lax.dynamic_slice_in_dim(x, i * self.st.block_q, self.st.block_q, axis=1)
+
+  def k_tile(self, x, j):
+    return lax.dynamic_slice_in_dim(x, j * self.st.block_k, self.st.block_k, axis=1)
+
+  def _elem_tile(self, x, i, j):
+    bq, bk = self.st.block_q, self.st.block_k
+    x = lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)
+    return lax.dynamic_slice_in_dim(x, j * bk, bk, axis=4)
+
+  def logits(self, q_t, k_t, i, j, partial):
+    """Returns (s [B,K,G,bq,bk] fp32 after soft-cap and bias, keep or None, tanh' or None)."""
+    st = self.st
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q_t, k_t, preferred_element_type=jnp.float32)
+    s = s * st.scale
+    dcap = None
+    if st.soft_cap is not None:
+      t = jnp.tanh(s / st.soft_cap)
+      s, dcap = st.soft_cap * t, 1.0 - t * t
+    if self.bias is not None:
+      s = s + self._elem_tile(self.bias, i, j).astype(jnp.float32)
+    keep = None
+
+    def conj(a, b):
+      b = b.reshape((1,) * (5 - b.ndim) + b.shape)
+      return b if a is None else a & b
+
+    q_pos = i * st.block_q + lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
+    k_pos = j * st.block_k + lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 1)
+    if st.structured is not None:
+      pred = lambda: jnp.broadcast_to(st.structured.predicate(q_pos, k_pos, jnp), q_pos.shape)
+      keep = conj(keep, lax.cond(partial > 0, pred, lambda: jnp.ones(q_pos.shape, bool)))
+    if self.needs_key_padding:
+      keep = conj(keep, k_pos < st.seq_k)
+    if self.mask is not None:
+      keep = conj(keep, self._elem_tile(self.mask, i, j))
+    if self.seg is not None:
+      q_ids = self.q_tile(self.seg[0], i)[:, None, None, :, None]
+      kv_ids = self.k_tile(self.seg[1], j)[:, None, None, None, :]
+      keep = conj(keep, q_ids == kv_ids)
+    return s, keep, dcap
+
+
+def _masked(s, keep):
+  return s if keep is None else jnp.where(keep, s, MASK_VALUE)
+
+
+def _zero_masked(p, keep):
+  return p if keep is None else jnp.where(keep, p, 0.0)
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _forward(st: _Static, q, k, v, bias, extras):
+  tiles = _Tiles(st, q, k, v, bias, extras)
+  B, _, K, G, _ = tiles.q.shape
+  Hv = v.shape[-1]
+  bm = st.block_map
+  kv_idx, kv_cnt, kv_part = (jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts,
+                                                             bm.kv_partial))
+
+  def q_block(i):
+    q_t = tiles.q_tile(tiles.q, i)
+
+    def step(t, carry):
+      m, l, acc = carry
+      j = kv_idx[i, t]
+      s, keep, _ = tiles.logits(q_t, tiles.k_tile(tiles.k, j), i, j, kv_part[i, t])
+      s = _masked(s, keep)
+      m_new = jnp.maximum(m, s.max(-1))
+      alpha = jnp.exp(m - m_new)
+      p = _zero_masked(jnp.exp(s - m_new[..., None]), keep)
+      v_t = tiles.k_tile(tiles.v, j)
+      pv = jnp.einsum("bkgqs,bskv->bkgqv", p, v_t, preferred_element_type=jnp.float32)
+      return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+    shape = (B, K, G, st.block_q)
+    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (Hv,), jnp.float32))
+    m, l, acc = lax.fori_loop(0, kv_cnt[i], step, init)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return out, lse
+
+  out, lse = lax.map(q_block, jnp.arange(tiles.qb))  # [Qb,B,K,G,bq,Hv], [Qb,B,K,G,bq]
+  out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, tiles.tq, Hv)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, tiles.tq)
+  out_btnv = jnp.einsum("bkgtv->btkgv", out).reshape(B, tiles.tq, K * G, Hv)[:, : st.seq_q]
+  return out_btnv.astype(q.dtype), lse
+
+
+# ------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st, q, k, v, bias, extras):
+  return _forward(st, q, k, v, bias, extras)[0]
+
+
+def _attention_fwd(st, q, k, v, bias, extras):
+  out, lse = _forward(st, q, k, v, bias, extras)
+  return out, (q, k, v, bias, extras, out, lse)
+
+
+def _attention_bwd(st, res, d_out):
+  q, k, v, bias, extras, out, lse = res
+  tiles = _Tiles(st, q, k, v, bias, extras)
+  B, _, K, G, H = tiles.q.shape
+  Hv = v.shape[-1]
+  bm = st.block_map
+  do = _pad_to(d_out, 1, tiles.tq).reshape(B, tiles.tq, K, G, Hv).astype(jnp.float32)
+  o = _pad_to(out, 1, tiles.tq).reshape(B, tiles.tq, K, G, Hv).astype(jnp.float32)
+  delta = jnp.einsum("btkgv,btkgv->bkgt", do, o)  # rowsum(dO * O), FlashAttention-2 "D"
+
+  def row_stats(i):
+    sl = lambda x: lax.dynamic_slice_in_dim(x, i * st.block_q, st.block_q, axis=3)
+    return sl(lse), sl(delta)
+
+  def tile_grads(i, j, partial, q_t, do_t):
+    """dS (w.r.t. the post-cap logits, = d bias) and dS_raw (w.r.t. scale * q.k)."""
+    s, keep, dcap = tiles.logits(q_t, tiles.k_tile(tiles.k, j), i, j, partial)
+    lse_t, delta_t = row_stats(i)
+    p = _zero_masked(jnp.exp(_masked(s, keep) - lse_t[..., None]), keep)
+    v_t = tiles.k_tile(tiles.v, j)
+    dp = jnp.einsum("bqkgv,bskv->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_t[..., None])
+    ds_raw = ds if dcap is None else ds * dcap
+    return p, ds, ds_raw
+
+  # dQ pass (and d bias, tile by tile): each q tile over its kv tiles.
+  kv_idx, kv_cnt, kv_part = (jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts,
+                                                             bm.kv_partial))
+
+  def dq_block(i, carry):
+    dq_buf, dbias_buf = carry
+    q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
+
+    def step(t, c):
+      dq_t, dbias_buf = c
+      j = kv_idx[i, t]
+      _, ds, ds_raw = tile_grads(i, j, kv_part[i, t], q_t, do_t)
+      k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)
+      dq_t = dq_t + jnp.einsum("bkgqs,bskh->bqkgh", ds_raw, k_t) * st.scale
+      if dbias_buf is not None:
+        tile = _reduce_to(ds, dbias_buf.shape[:3] + ds.shape[3:]).astype(dbias_buf.dtype)
+        dbias_buf = lax.dynamic_update_slice(
+            dbias_buf, tile, (0, 0, 0, i * st.block_q, j * st.block_k))
+      return dq_t, dbias_buf
+
+    dq_t, dbias_buf = lax.fori_loop(
+        0, kv_cnt[i], step, (jnp.zeros((B, st.block_q, K, G, H), jnp.float32), dbias_buf))
+    dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=1)
+    return dq_buf, dbias_buf
+
+  dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, jnp.float32)
+  dq, dbias = lax.fori_loop(
+      0, tiles.qb, dq_block, (jnp.zeros((B, tiles.tq, K, G, H), jnp.float32), dbias0))
+
+  # dK/dV pass: each kv tile over the q tiles that see it (transposed tables).
+  q_idx, q_cnt, q_part = (jnp.asarray(a[0, 0]) for a in (bm.q_indices, bm.q_counts, bm.q_partial))
+
+  def dkv_block(j):
+    def step(t, c):
+      dk_t, dv_t = c
+      i = q_idx[j, t]
+      q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
+      p, _, ds_raw = tile_grads(i, j, q_part[j, t], q_t, do_t)
+      dv_t = dv_t + jnp.einsum("bkgqs,bqkgv->bskv", p, do_t)
+      dk_t = dk_t + jnp.einsum("bkgqs,bqkgh->bskh", ds_raw, q_t.astype(jnp.float32)) * st.scale
+      return dk_t, dv_t
+
+    init = (jnp.zeros((B, st.block_k, K, H), jnp.float32),
+            jnp.zeros((B, st.block_k, K, Hv), jnp.float32))
+    return lax.fori_loop(0, q_cnt[j], step, init)
+
+  dk, dv = lax.map(dkv_block, jnp.arange(tiles.kb))  # [Kb, B, bk, K, H]
+  dk = jnp.moveaxis(dk, 0, 1).reshape(B, tiles.tk, K, H)[:, : st.seq_k]
+  dv = jnp.moveaxis(dv, 0, 1).reshape(B, tiles.tk, K, Hv)[:, : st.seq_k]
+  dq = dq.reshape(B, tiles.tq, K * G, H)[:, : st.seq_q]
+  d_bias = None
+  if bias is not None:
+    b, n = bias.shape[:2]
+    d_bias = dbias.reshape(b, n, tiles.tq, tiles.tk)[:, :, : st.seq_q, : st.seq_k]
+    d_bias = d_bias.astype(bias.dtype)
+  extras_ct = jax.tree.map(lambda _: None, extras)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, extras_ct
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

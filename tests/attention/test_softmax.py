@@ -1,0 +1,172 @@
+"""Softmax attention: conformance of every implementation, mask kinds, options, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnzoo import attention, masks
+from attnzoo.attention import dot_product_attention as dpa
+from pallas_kernels.block_sparse import BlockSizes
+from tests.attention.conformance import AttentionConformance, random_qkv
+from tests.tolerances import assert_close
+
+
+class TestSoftmaxXla(AttentionConformance):
+  implementation = "xla"
+
+
+class TestSoftmaxChunked(AttentionConformance):
+  implementation = "chunked"
+  options = {"block_sizes": BlockSizes(16, 8)}
+  reference_options = {}
+
+
+class TestSoftmaxChunkedDefaultTiles(AttentionConformance):
+  implementation = "chunked"
+  shape = (1, 600, 530, 4, 1, 8, 8)  # several 512-tiles, ragged at both ends
+
+
+# ------------------------------------------------------------------ every mask kind
+
+
+def _mask_cases():
+  return {
+      "causal": masks.Causal(),
+      "causal_offset": masks.Causal(offset=5),
+      "window": masks.SlidingWindow(left=9, right=3),
+      "chunked": masks.Chunked(16),
+      "neighborhood_2d": masks.Neighborhood((6, 8), window=(3, 5)),
+      "neighborhood_causal": masks.Neighborhood((48,), window=7, causal=True),
+      "blocked": masks.Blocked(12, 12),
+      "global": masks.GlobalTokens(3) | masks.SlidingWindow(4, 4),
+      "segments": masks.Segments(np.repeat(np.arange(4), 12)),
+      "random": masks.RandomBlocks(0.4, 8, 8, seed=1, seq_q=48, seq_k=48),
+      "dense": masks.DenseMask(np.random.default_rng(0).random((48, 48)) < 0.3),
+      "and_or": (masks.SlidingWindow(20, 0) & masks.Causal()) | masks.AttentionSinks(2),
+  }
+
+
+@pytest.mark.parametrize("name", sorted(_mask_cases()))
+def test_mask_kinds_chunked_equals_xla_equals_dense(name):
+  mask = _mask_cases()[name]
+  q, k, v = random_qkv(0, 1, 48, 48, 4, 2, 8)
+  dense = jnp.asarray(mask.dense(48, 48))
+  want = dpa(q, k, v, mask=dense, implementation="xla")
+  assert_close(dpa(q, k, v, mask=mask, implementation="xla"), want)
+
+  def loss(impl, q, k, v):
+    return jnp.sum(jnp.sin(dpa(q, k, v, mask=mask, implementation=impl,
+                               block_sizes=BlockSizes(8, 16) if impl == "chunked" else None)))
+
+  assert_close(dpa(q, k, v, mask=mask, implementation="chunked", block_sizes=BlockSizes(8, 16)),
+               want)
+  got = jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(got, ref, strict=True):
+    assert_close(g, r, grad=True)
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_agrees_with_jax_nn_dot_product_attention(impl):
+  q, k, v = random_qkv(1, 2, 40, 40, 4, 2, 16)
+  bias = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 40, 40))
+  keep = jax.random.uniform(jax.random.PRNGKey(3), (2, 1, 40, 40)) < 0.8
+  keep = keep.at[..., 0].set(True)  # jax averages fully masked rows; attnzoo returns zeros
+  for kw in [dict(), dict(is_causal=True), dict(bias=bias), dict(mask=keep), dict(scale=0.3)]:
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+    got = dpa(q, k, v, implementation=impl, block_sizes=BlockSizes(16, 16), **kw)
+    assert_close(got, want, err_msg=str(list(kw)))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_segment_ids_equal_separate_sequences(impl):
+  q, k, v = random_qkv(2, 1, 30, 30, 2, 2, 8)
+  ids = jnp.asarray([[0] * 12 + [1] * 18])
+  packed = dpa(q, k, v, segment_ids=ids, is_causal=True, implementation=impl,
+               block_sizes=BlockSizes(8, 8))
+  first = dpa(q[:, :12], k[:, :12], v[:, :12], is_causal=True, implementation="xla")
+  second = dpa(q[:, 12:], k[:, 12:], v[:, 12:], is_causal=True, implementation="xla")
+  assert_close(packed, jnp.concatenate([first, second], axis=1))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_cross_attention_segment_pair(impl):
+  q, k, v = random_qkv(3, 1, 10, 14, 2, 1, 8)
+  q_ids = jnp.asarray([[0] * 4 + [1] * 6])
+  kv_ids = jnp.asarray([[0] * 9 + [1] * 5])
+  got = dpa(q, k, v, segment_ids=(q_ids, kv_ids), implementation=impl)
+  keep = (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+  assert_close(got, dpa(q, k, v, mask=keep, implementation="xla"))
+
+
+def test_soft_cap_matches_formula():
+  q, k, v = random_qkv(4, 1, 16, 16, 2, 2, 8, scale=3.0)
+  cap = 2.0
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8)
+  want = jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(cap * jnp.tanh(logits / cap), -1), v)
+  for impl in ("xla", "chunked"):
+    assert_close(dpa(q, k, v, logits_soft_cap=cap, implementation=impl), want)
+
+
+def test_chunked_bias_gradient_matches_xla():
+  q, k, v = random_qkv(5, 2, 20, 24, 4, 2, 8)
+  bias = jax.random.normal(jax.random.PRNGKey(6), (2, 1, 20, 24))
+
+  def loss(impl, bias):
+    out = dpa(q, k, v, bias=bias, is_causal=True, implementation=impl,
+              block_sizes=BlockSizes(8, 8))
+    return jnp.sum(out**2)
+
+  assert_close(jax.grad(lambda b: loss("chunked", b))(bias),
+               jax.grad(lambda b: loss("xla", b))(bias), grad=True)
+
+
+def test_chunked_skips_empty_tiles():
+  """A window mask visits O(T) tiles: the block map the path uses says so."""
+  mask = masks.SlidingWindow(left=64, right=0)
+  bmap = mask.block_map(4096, 4096, 64, 64)
+  assert int(np.max(bmap.kv_counts)) == 2
+  assert bmap.density() < 0.05
+
+
+def test_registry_lists_softmax_and_rejects_unknown_names():
+  assert "softmax" in attention.FAMILIES
+  assert attention.get("softmax").attention is dpa
+  with pytest.raises(KeyError, match="valid names"):
+    attention.get("sofmax")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, error, match",
+    [
+        (((2, 8, 4), (2, 8, 4, 8), (2, 8, 4, 8)), {}, ValueError, "q must have rank 4"),
+        (((2, 8, 4, 8), (2, 8, 3, 8), (2, 8, 3, 8)), {}, ValueError, "multiple of kv heads"),
+        (((2, 8, 4, 8), (2, 8, 2, 6), (2, 8, 2, 8)), {}, ValueError, "head dim"),
+        (((2, 8, 4, 8), (2, 9, 2, 8), (2, 8, 2, 8)), {}, ValueError, "S=9"),
+        (((2, 8, 4, 8), (3, 8, 2, 8), (3, 8, 2, 8)), {}, ValueError, "batch sizes differ"),
+        (((1, 8, 2, 8),) * 3, {"mask": np.ones((7, 8), bool)}, ValueError, "does not broadcast"),
+        (((1, 8, 2, 8),) * 3, {"mask": np.ones((8, 8), np.int32)}, TypeError, "boolean"),
+        (((1, 8, 2, 8),) * 3, {"implementation": "flash"}, ValueError, "not one of"),
+        (((1, 8, 2, 8),) * 3, {"implementation": "chunked", "block_sizes": (8, 8)}, TypeError,
+         "BlockSizes"),
+        (((1, 8, 2, 8),) * 3, {"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"),
+        (((1, 8, 2, 8),) * 3, {"segment_ids": np.zeros((1, 7), np.int32)}, ValueError,
+         "segment_ids"),
+    ],
+)
+def test_bad_input_raises_clear_errors(shapes, kwargs, error, match):
+  q, k, v = (jnp.zeros(s) for s in shapes)
+  with pytest.raises(error, match=match):
+    dpa(q, k, v, **kwargs)
+
+
+def test_block_sizes_must_be_positive():
+  with pytest.raises(ValueError, match="block_q=0"):
+    BlockSizes(0, 8)
