@@ -136,9 +136,9 @@ class BlockMap:
     """The per-tile classification int32[Bm, Nm, Qb, Kb] these tables encode."""
     xp = np if isinstance(self.kv_indices, np.ndarray) else jnp
     kb = self.num_kv_blocks
-    valid = xp.arange(self.max_kv_blocks) < self.kv_counts[..., None]
+    valid = _iota(self.max_kv_blocks, self.kv_indices.ndim, xp) < self.kv_counts[..., None]
     kind = xp.where(valid, xp.where(self.kv_partial > 0, PARTIAL, FULL), EMPTY)
-    onehot = self.kv_indices[..., None] == xp.arange(kb)
+    onehot = self.kv_indices[..., None] == _iota(kb, self.kv_indices.ndim + 1, xp)
     return xp.max(xp.where(onehot, kind[..., None], EMPTY), axis=-2).astype(np.int32)
 
   def density(self) -> float:
@@ -175,15 +175,20 @@ def _check_block_sizes(block_q: int, block_k: int, seq_q: int, seq_k: int) -> No
       raise ValueError(f"{name}={value!r} must be a positive int")
 
 
+def _iota(n: int, ndim: int, xp):
+  """arange(n) along the last of `ndim` axes (explicit rank: jax_numpy_rank_promotion="raise")."""
+  return xp.arange(n).reshape((1,) * (ndim - 1) + (n,))
+
+
 def _compact(bm, width: int, xp):
   """Row-wise compaction of nonzero entries of bm[..., R, C] into width slots."""
   cols = bm.shape[-1]
   active = bm > 0
   # Active columns sort first, in ascending order; a stable key keeps it exact.
-  key = xp.where(active, 0, cols) + xp.arange(cols)
+  key = xp.where(active, 0, cols) + _iota(cols, bm.ndim, xp)
   order = xp.argsort(key, axis=-1)[..., :width].astype(np.int32)
   counts = xp.minimum(xp.sum(active, axis=-1), width).astype(np.int32)
-  slot = xp.arange(width)
+  slot = _iota(width, bm.ndim, xp)
   valid = slot < counts[..., None]
   # Padding repeats the last valid index (0 for an empty row).
   last = xp.take_along_axis(order, xp.maximum(counts - 1, 0)[..., None], axis=-1)
@@ -191,3 +196,17 @@ def _compact(bm, width: int, xp):
   partial = xp.take_along_axis(bm, indices, axis=-1) == PARTIAL
   partial = xp.where(valid, partial, False).astype(np.int32)
   return indices, counts, partial
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of block-sparse attention (tokens). Kernels may add fields with defaults."""
+
+  block_q: int = 128
+  block_k: int = 128
+  # Triton launch parameters of the GPU lowering (ignored by the TPU lowering).
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    _check_block_sizes(self.block_q, self.block_k, 1, 1)
