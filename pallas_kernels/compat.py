@@ -31,10 +31,18 @@ def make_mesh(axis_shapes, axis_names, *, devices=None):
   """
   axis_type = jax.sharding.AxisType.Auto
   kwargs = {} if devices is None else dict(devices=devices)
-  return jax.make_mesh(tuple(axis_shapes), tuple(axis_names),
-                       axis_types=(axis_type,) * len(axis_names), **kwargs)
+  return jax.make_mesh(
+    tuple(axis_shapes), tuple(axis_names), axis_types=(axis_type,) * len(axis_names), **kwargs
+  )
 
 
 shard_map = jax.shard_map
-__all__ = ["JAX_VERSION", "make_mesh", "pl", "pltpu", "shard_map", "tpu_compiler_params",
-           "triton_compiler_params"]
+__all__ = [
+  "JAX_VERSION",
+  "make_mesh",
+  "pl",
+  "pltpu",
+  "shard_map",
+  "tpu_compiler_params",
+  "triton_compiler_params",
+]

@@ -11,7 +11,7 @@ from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implemen
 from attnzoo.attention.softmax import dot_product_attention
 
 FAMILIES: dict[str, Family] = {
-    "softmax": softmax.FAMILY,
+  "softmax": softmax.FAMILY,
 }
 
 
@@ -23,5 +23,11 @@ def get(name: str) -> Family:
     raise KeyError(f"unknown attention family {name!r}; valid names: {sorted(FAMILIES)}") from None
 
 
-__all__ = ["FAMILIES", "IMPLEMENTATIONS", "Family", "dot_product_attention", "get",
-           "resolve_implementation"]
+__all__ = [
+  "FAMILIES",
+  "IMPLEMENTATIONS",
+  "Family",
+  "dot_product_attention",
+  "get",
+  "resolve_implementation",
+]

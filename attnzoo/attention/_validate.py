@@ -12,8 +12,9 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     if not hasattr(x, "ndim") or x.ndim != 4:
       shape = getattr(x, "shape", type(x).__name__)
       raise ValueError(
-          f"{name} must have rank 4 ({'[B, T, N, H]' if name == 'q' else '[B, S, K, H]'}), "
-          f"got shape {shape}")
+        f"{name} must have rank 4 ({'[B, T, N, H]' if name == 'q' else '[B, S, K, H]'}), "
+        f"got shape {shape}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
   B, T, N, H = q.shape
@@ -29,21 +30,25 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     raise ValueError(f"q head dim H={H} differs from k head dim {Hk}; they must be equal")
   if K == 0 or N % K:
     raise ValueError(
-        f"query heads N={N} must be a multiple of kv heads K={K} (grouped-query attention); "
-        f"choose K among the divisors of N")
+      f"query heads N={N} must be a multiple of kv heads K={K} (grouped-query attention); "
+      f"choose K among the divisors of N"
+    )
   return B, T, S, N, K, H, Hv
 
 
 def broadcast_to_bnts(x: jax.Array, name: str, shape_bnts: tuple[int, int, int, int]) -> jax.Array:
   """Left-pads `x` to rank 4 and checks it broadcasts to [B, N, T, S] (no copy)."""
   if x.ndim > 4:
-    raise ValueError(f"{name} has rank {x.ndim} > 4; it must broadcast to [B, N, T, S]={shape_bnts}")
+    raise ValueError(
+      f"{name} has rank {x.ndim} > 4; it must broadcast to [B, N, T, S]={shape_bnts}"
+    )
   x = x.reshape((1,) * (4 - x.ndim) + x.shape)
   for size, want, letter in zip(x.shape, shape_bnts, "BNTS", strict=True):
     if size not in (1, want):
       raise ValueError(
-          f"{name} of shape {x.shape} does not broadcast to [B, N, T, S]={shape_bnts} "
-          f"(axis {letter} has size {size}, expected 1 or {want})")
+        f"{name} of shape {x.shape} does not broadcast to [B, N, T, S]={shape_bnts} "
+        f"(axis {letter} has size {size}, expected 1 or {want})"
+      )
   return x
 
 
@@ -53,14 +58,18 @@ def split_segment_ids(segment_ids, B: int, T: int, S: int):
     return None
   if isinstance(segment_ids, (tuple, list)):
     if len(segment_ids) != 2:
-      raise ValueError("segment_ids must be an int array [B, T] or a pair (q_ids [B, T], "
-                       f"kv_ids [B, S]); got a sequence of length {len(segment_ids)}")
+      raise ValueError(
+        "segment_ids must be an int array [B, T] or a pair (q_ids [B, T], "
+        f"kv_ids [B, S]); got a sequence of length {len(segment_ids)}"
+      )
     q_ids, kv_ids = (jnp.asarray(x) for x in segment_ids)
   else:
     q_ids = kv_ids = jnp.asarray(segment_ids)
     if T != S:
-      raise ValueError(f"a single segment_ids array needs T == S (got T={T}, S={S}); "
-                       "pass a pair (q_ids, kv_ids) for cross-attention")
+      raise ValueError(
+        f"a single segment_ids array needs T == S (got T={T}, S={S}); "
+        "pass a pair (q_ids, kv_ids) for cross-attention"
+      )
   for name, ids, length in (("q segment_ids", q_ids, T), ("kv segment_ids", kv_ids, S)):
     if ids.shape != (B, length):
       raise ValueError(f"{name} must have shape {(B, length)}, got {ids.shape}")

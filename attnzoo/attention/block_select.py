@@ -47,8 +47,12 @@ from pallas_kernels.block_sparse import EMPTY, FULL, PARTIAL, BlockMap, num_bloc
 
 
 def pooled_block_scores(
-    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], *, block_q: int, block_k: int,
-    scale: float | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  *,
+  block_q: int,
+  block_k: int,
+  scale: float | None = None,
 ) -> Float[Array, "B N Qb Kb"]:
   """Mean-pooled tile scores (padding excluded from the means), fp32, no gradient."""
   B, T, S, N, K, H, _ = _validate.check_qkv(q, k, k)
@@ -72,8 +76,9 @@ def _mean_pool(x, block):
 def _static_tiles(mask, forced, T, S, block_q, block_k):
   """Static classification (EMPTY/PARTIAL/FULL) and forced-tile table, numpy."""
   qb, kb = num_blocks(T, block_q), num_blocks(S, block_k)
-  allowed = np.full((qb, kb), FULL, np.int32) if mask is None else mask.block_mask(
-      T, S, block_q, block_k)
+  allowed = (
+    np.full((qb, kb), FULL, np.int32) if mask is None else mask.block_mask(T, S, block_q, block_k)
+  )
   if forced is None:
     # The diagonal tiles in token space (local context), wherever the mask allows them.
     centre_k = (np.arange(qb) * block_q + block_q // 2) * S // T // block_k
@@ -92,22 +97,31 @@ def _static_tiles(mask, forced, T, S, block_q, block_k):
 def _finish(chosen, allowed, forced_tbl, width, T, S, block_q, block_k):
   chosen = (chosen | forced_tbl) & (allowed != EMPTY)
   block_mask = jnp.where(chosen, jnp.asarray(allowed), EMPTY).astype(jnp.int32)
-  return BlockMap.from_block_mask(block_mask, block_q=block_q, block_k=block_k, seq_q=T,
-                                  seq_k=S, max_kv_blocks=width)
+  return BlockMap.from_block_mask(
+    block_mask, block_q=block_q, block_k=block_k, seq_q=T, seq_k=S, max_kv_blocks=width
+  )
 
 
 def topk_block_map(
-    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], *, block_q: int, block_k: int,
-    num_blocks_per_row: int, mask: Mask | None = None, forced: Mask | np.ndarray | None = None,
-    scale: float | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  *,
+  block_q: int,
+  block_k: int,
+  num_blocks_per_row: int,
+  mask: Mask | None = None,
+  forced: Mask | np.ndarray | None = None,
+  scale: float | None = None,
 ) -> BlockMap:
   """Per (batch, head, q tile): the `num_blocks_per_row` best-scoring allowed kv tiles
   plus the forced ones. Width of the tables = num_blocks_per_row + max forced per row."""
   _, T, S, *_ = _validate.check_qkv(q, k, k)
-  qb, kb = num_blocks(T, block_q), num_blocks(S, block_k)
+  kb = num_blocks(S, block_k)
   if not (isinstance(num_blocks_per_row, int) and 1 <= num_blocks_per_row <= kb):
-    raise ValueError(f"num_blocks_per_row={num_blocks_per_row!r} must be an int in [1, {kb}] "
-                     f"(there are {kb} kv tiles of block_k={block_k})")
+    raise ValueError(
+      f"num_blocks_per_row={num_blocks_per_row!r} must be an int in [1, {kb}] "
+      f"(there are {kb} kv tiles of block_k={block_k})"
+    )
   allowed, forced_tbl = _static_tiles(mask, forced, T, S, block_q, block_k)
   scores = pooled_block_scores(q, k, block_q=block_q, block_k=block_k, scale=scale)
   # Forced tiles do not compete for the k slots: their (possibly future-dependent) pooled
@@ -122,9 +136,16 @@ def topk_block_map(
 
 
 def mass_block_map(
-    q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], *, block_q: int, block_k: int,
-    mass: float, mask: Mask | None = None, forced: Mask | np.ndarray | None = None,
-    max_blocks_per_row: int | None = None, scale: float | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  *,
+  block_q: int,
+  block_k: int,
+  mass: float,
+  mask: Mask | None = None,
+  forced: Mask | np.ndarray | None = None,
+  max_blocks_per_row: int | None = None,
+  scale: float | None = None,
 ) -> BlockMap:
   """Per (batch, head, q tile): the fewest allowed kv tiles whose softmax mass over the
   pooled scores reaches `mass` (at least one), plus the forced ones. Tiles weigh by
@@ -139,7 +160,9 @@ def mass_block_map(
   allowed, forced_tbl = _static_tiles(mask, forced, T, S, block_q, block_k)
   scores = pooled_block_scores(q, k, block_q=block_q, block_k=block_k, scale=scale)
   sizes = np.minimum(block_k, S - np.arange(kb) * block_k).astype(np.float32)
-  logits = jnp.where(jnp.asarray(allowed != EMPTY), scores + np.log(sizes)[None, None, None, :], -jnp.inf)
+  logits = jnp.where(
+    jnp.asarray(allowed != EMPTY), scores + np.log(sizes)[None, None, None, :], -jnp.inf
+  )
   # Forced tiles count towards the mass (they are attended) but are always taken.
   forced_j = jnp.asarray(forced_tbl)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -147,7 +170,8 @@ def mass_block_map(
   sorted_p = jnp.take_along_axis(probs, order, axis=-1)
   before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of the better tiles
   sorted_ok = jnp.take_along_axis(
-      jnp.broadcast_to(jnp.asarray(allowed != EMPTY), probs.shape), order, axis=-1)
+    jnp.broadcast_to(jnp.asarray(allowed != EMPTY), probs.shape), order, axis=-1
+  )
   # mass = 1 keeps every allowed tile, whatever the rounding of the cumulative sum.
   take_sorted = sorted_ok if mass >= 1.0 else (before < mass) & sorted_ok
   # Forced tiles are always kept; the others share what is left of the table width.

@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from absl import logging
 import jax
+from absl import logging
 
 IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 
@@ -40,10 +40,10 @@ class Family:
 
 
 def resolve_implementation(
-    requested: str | None,
-    available: Mapping[str, Callable[..., Any]],
-    *,
-    family: str,
+  requested: str | None,
+  available: Mapping[str, Callable[..., Any]],
+  *,
+  family: str,
 ) -> str:
   """Picks an implementation name; `None` means the best for the current platform.
 
@@ -54,15 +54,17 @@ def resolve_implementation(
   if requested is not None:
     if requested not in available:
       raise ValueError(
-          f"implementation={requested!r} is not one of {sorted(available)} for the "
-          f"{family!r} family; pass one of those or None to choose automatically")
+        f"implementation={requested!r} is not one of {sorted(available)} for the "
+        f"{family!r} family; pass one of those or None to choose automatically"
+      )
     return requested
   platform = jax.default_backend()
   preference = ("pallas", "chunked", "xla") if platform in ("gpu", "tpu") else ("chunked", "xla")
   for name in preference:
     if name in available:
       if name != preference[0]:
-        logging.info("%s: no %r implementation on %s, using %r", family, preference[0],
-                     platform, name)
+        logging.info(
+          "%s: no %r implementation on %s, using %r", family, preference[0], platform, name
+        )
       return name
   return next(iter(available))

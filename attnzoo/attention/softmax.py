@@ -29,12 +29,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from attnzoo.attention import _validate, registry
 from attnzoo.attention.softmax_chunked import MASK_VALUE, chunked_attention
 from attnzoo.masks import Causal, Mask
-from pallas_kernels.block_sparse import BlockSizes
+from pallas_kernels.block_sparse import FULL, BlockMap, BlockSizes, num_blocks
 
 # Largest default tile of the chunked path; 512 x 512 was the fastest tile on these CPUs
 # (shared/notes/peers-on-cpu.md).
@@ -42,19 +43,19 @@ _CHUNKED_TILE = 512
 
 
 def dot_product_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K V"],
-    *,
-    mask: Mask | jax.Array | None = None,
-    bias: Float[Array, "..."] | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    logits_soft_cap: float | None = None,
-    implementation: str | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K V"],
+  *,
+  mask: Mask | jax.Array | None = None,
+  bias: Float[Array, "..."] | None = None,
+  is_causal: bool = False,
+  scale: float | None = None,
+  segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+  logits_soft_cap: float | None = None,
+  implementation: str | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
 ) -> Float[Array, "B T N V"]:
   """Softmax attention; see the module docstring for the equation and conventions.
 
@@ -89,12 +90,23 @@ def dot_product_attention(
   if name == "pallas" and (bias is not None or dense is not None):
     if implementation == "pallas":
       raise NotImplementedError(
-          "implementation='pallas' takes structured masks and segment ids, not a dense "
-          "bias/mask array; use implementation='chunked' for those")
+        "implementation='pallas' takes structured masks and segment ids, not a dense "
+        "bias/mask array; use implementation='chunked' for those"
+      )
     name = "chunked"
   return _IMPLEMENTATIONS[name](
-      q, k, v, structured=structured, dense_mask=dense, bias=bias, segment_ids=segments,
-      scale=scale, soft_cap=logits_soft_cap, block_sizes=block_sizes, interpret=interpret)
+    q,
+    k,
+    v,
+    structured=structured,
+    dense_mask=dense,
+    bias=bias,
+    segment_ids=segments,
+    scale=scale,
+    soft_cap=logits_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+  )
 
 
 def _split_mask(mask, shape_bnts):
@@ -127,7 +139,9 @@ def _xla(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap,
   if structured is not None:
     q_pos = jnp.arange(T, dtype=jnp.int32)[:, None]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
-    keep = keep & jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
+    keep = (
+      keep & jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
+    )
   if dense_mask is not None:
     keep = keep & _heads_split(dense_mask, G)
   if segment_ids is not None:
@@ -167,26 +181,39 @@ def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, i
   from pallas_kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
 
   if jax.default_backend() == "cpu" and not interpret:
-    raise ValueError("implementation='pallas' on CPU needs interpret=True (the Pallas "
-                     "interpreter); use implementation='chunked' for speed on CPU")
+    raise ValueError(
+      "implementation='pallas' on CPU needs interpret=True (the Pallas "
+      "interpreter); use implementation='chunked' for speed on CPU"
+    )
   block_sizes = block_sizes or BlockSizes()
   T, S = q.shape[1], k.shape[1]
+  bq, bk = block_sizes.block_q, block_sizes.block_k
   if structured is None:
-    from attnzoo.masks import DenseMask  # noqa: PLC0415
-
-    structured = DenseMask(jnp.ones((1, 1), bool))
-  block_map = structured.block_map(T, S, block_sizes.block_q, block_sizes.block_k)
+    full = np.full((num_blocks(T, bq), num_blocks(S, bk)), FULL, np.int32)
+    block_map = BlockMap.from_block_mask(full, block_q=bq, block_k=bk, seq_q=T, seq_k=S)
+    mask_fn = None
+  else:
+    block_map = structured.block_map(T, S, bq, bk)
+    mask_fn = lambda qp, kp: structured.predicate(qp, kp, jnp)  # noqa: E731
   return block_sparse_attention(
-      q, k, v, block_map, mask_fn=lambda qp, kp: structured.predicate(qp, kp, jnp),
-      scale=scale, segment_ids=segment_ids, logits_soft_cap=soft_cap, block_sizes=block_sizes,
-      interpret=interpret)
+    q,
+    k,
+    v,
+    block_map,
+    mask_fn=mask_fn,
+    scale=scale,
+    segment_ids=segment_ids,
+    logits_soft_cap=soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+  )
 
 
 _IMPLEMENTATIONS = {"xla": _xla, "chunked": _chunked, "pallas": _pallas}
 
 FAMILY = registry.Family(
-    name="softmax",
-    attention=dot_product_attention,
-    implementations=tuple(_IMPLEMENTATIONS),
-    paper="Attention Is All You Need (arXiv 1706.03762)",
+  name="softmax",
+  attention=dot_product_attention,
+  implementations=tuple(_IMPLEMENTATIONS),
+  paper="Attention Is All You Need (arXiv 1706.03762)",
 )

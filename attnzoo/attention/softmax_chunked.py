@@ -18,8 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from attnzoo.masks import Mask
 from pallas_kernels.block_sparse import BlockMap, num_blocks
@@ -43,8 +43,9 @@ class _Static:
   block_map: BlockMap
 
 
-def chunked_attention(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap,
-                      block_q, block_k):
+def chunked_attention(
+  q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, block_q, block_k
+):
   """q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; inputs already validated.
 
   dense_mask: bool [Bm,Nm,T,S] or None; bias: float [Bb,Nb,T,S] or None (both with
@@ -183,8 +184,9 @@ def _forward(st: _Static, q, k, v, bias, extras):
   B, _, K, G, _ = tiles.q.shape
   Hv = v.shape[-1]
   bm = st.block_map
-  kv_idx, kv_cnt, kv_part = (jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts,
-                                                             bm.kv_partial))
+  kv_idx, kv_cnt, kv_part = (
+    jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts, bm.kv_partial)
+  )
 
   def q_block(i):
     q_t = tiles.q_tile(tiles.q, i)
@@ -202,8 +204,11 @@ def _forward(st: _Static, q, k, v, bias, extras):
       return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
     shape = (B, K, G, st.block_q)
-    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (Hv,), jnp.float32))
+    init = (
+      jnp.full(shape, MASK_VALUE, jnp.float32),
+      jnp.zeros(shape, jnp.float32),
+      jnp.zeros(shape + (Hv,), jnp.float32),
+    )
     m, l, acc = lax.fori_loop(0, kv_cnt[i], step, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -256,8 +261,9 @@ def _attention_bwd(st, res, d_out):
     return p, ds, ds_raw
 
   # dQ pass (and d bias, tile by tile): each q tile over its kv tiles.
-  kv_idx, kv_cnt, kv_part = (jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts,
-                                                             bm.kv_partial))
+  kv_idx, kv_cnt, kv_part = (
+    jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts, bm.kv_partial)
+  )
 
   def dq_block(i, carry):
     dq_buf, dbias_buf = carry
@@ -272,17 +278,20 @@ def _attention_bwd(st, res, d_out):
       if dbias_buf is not None:
         tile = _reduce_to(ds, dbias_buf.shape[:3] + ds.shape[3:]).astype(dbias_buf.dtype)
         dbias_buf = lax.dynamic_update_slice(
-            dbias_buf, tile, (0, 0, 0, i * st.block_q, j * st.block_k))
+          dbias_buf, tile, (0, 0, 0, i * st.block_q, j * st.block_k)
+        )
       return dq_t, dbias_buf
 
     dq_t, dbias_buf = lax.fori_loop(
-        0, kv_cnt[i], step, (jnp.zeros((B, st.block_q, K, G, H), jnp.float32), dbias_buf))
+      0, kv_cnt[i], step, (jnp.zeros((B, st.block_q, K, G, H), jnp.float32), dbias_buf)
+    )
     dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=1)
     return dq_buf, dbias_buf
 
   dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, jnp.float32)
   dq, dbias = lax.fori_loop(
-      0, tiles.qb, dq_block, (jnp.zeros((B, tiles.tq, K, G, H), jnp.float32), dbias0))
+    0, tiles.qb, dq_block, (jnp.zeros((B, tiles.tq, K, G, H), jnp.float32), dbias0)
+  )
 
   # dK/dV pass: each kv tile over the q tiles that see it (transposed tables).
   q_idx, q_cnt, q_part = (jnp.asarray(a[0, 0]) for a in (bm.q_indices, bm.q_counts, bm.q_partial))
@@ -297,8 +306,10 @@ def _attention_bwd(st, res, d_out):
       dk_t = dk_t + jnp.einsum("bkgqs,bqkgh->bskh", ds_raw, q_t.astype(jnp.float32)) * st.scale
       return dk_t, dv_t
 
-    init = (jnp.zeros((B, st.block_k, K, H), jnp.float32),
-            jnp.zeros((B, st.block_k, K, Hv), jnp.float32))
+    init = (
+      jnp.zeros((B, st.block_k, K, H), jnp.float32),
+      jnp.zeros((B, st.block_k, K, Hv), jnp.float32),
+    )
     return lax.fori_loop(0, q_cnt[j], step, init)
 
   dk, dv = lax.map(dkv_block, jnp.arange(tiles.kb))  # [Kb, B, bk, K, H]

@@ -95,9 +95,12 @@ class AttentionConformance:
   def test_forward_matches_reference(self, dtype):
     for causal in self.causal_cases():
       q, k, v = self.inputs(seed=2, dtype=dtype, causal=causal)
-      assert_close(self.attend(q, k, v, is_causal=causal),
-                   self.reference(q, k, v, is_causal=causal), dtype,
-                   err_msg=f"is_causal={causal}")
+      assert_close(
+        self.attend(q, k, v, is_causal=causal),
+        self.reference(q, k, v, is_causal=causal),
+        dtype,
+        err_msg=f"is_causal={causal}",
+      )
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   def test_gradients_match_reference(self, dtype):
@@ -105,7 +108,7 @@ class AttentionConformance:
       q, k, v = self.inputs(seed=3, dtype=dtype, causal=causal)
       cot = jax.random.normal(jax.random.PRNGKey(9), q.shape[:3] + v.shape[-1:]).astype(dtype)
 
-      def loss(fn, q, k, v):
+      def loss(fn, q, k, v, causal=causal, cot=cot):
         return jnp.sum(fn(q, k, v, is_causal=causal).astype(jnp.float32) * cot)
 
       got = jax.grad(functools.partial(loss, self.attend), argnums=(0, 1, 2))(q, k, v)
@@ -122,8 +125,8 @@ class AttentionConformance:
       return jnp.sum(self.attend(q, k, v, is_causal=True)[:, t])
 
     dk, dv = jax.grad(row, argnums=(0, 1))(k, v)
-    np.testing.assert_array_equal(np.asarray(dk[:, t + 1:]), 0.0)
-    np.testing.assert_array_equal(np.asarray(dv[:, t + 1:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dk[:, t + 1 :]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dv[:, t + 1 :]), 0.0)
     assert np.abs(np.asarray(dv[:, : t + 1])).sum() > 0
 
   def test_gqa_equals_mha_with_repeated_heads(self):
@@ -131,8 +134,9 @@ class AttentionConformance:
       q, k, v = self.inputs(seed=5, causal=causal)
       G = q.shape[2] // k.shape[2]
       grouped = self.attend(q, k, v, is_causal=causal)
-      repeated = self.attend(q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2),
-                             is_causal=causal)
+      repeated = self.attend(
+        q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2), is_causal=causal
+      )
       assert_close(grouped, repeated)
 
   def test_multi_query(self):
@@ -152,8 +156,9 @@ class AttentionConformance:
     out = self.attend(q, k, v, mask=mask)
     np.testing.assert_array_equal(np.asarray(out[:, 3]), 0.0)
     np.testing.assert_array_equal(np.asarray(out[:, T - 1]), 0.0)
-    grads = jax.grad(lambda q, k, v: jnp.sum(self.attend(q, k, v, mask=mask) ** 2),
-                     argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(
+      lambda q, k, v: jnp.sum(self.attend(q, k, v, mask=mask) ** 2), argnums=(0, 1, 2)
+    )(q, k, v)
     for g in grads:
       assert np.isfinite(np.asarray(g)).all()
     np.testing.assert_array_equal(np.asarray(grads[0][:, 3]), 0.0)
@@ -166,5 +171,8 @@ class AttentionConformance:
       if causal and T != S and not self.supports_mask:
         continue
       q, k, v = self.inputs(seed=8, shape=(1, T, S, N, K, H, Hv))
-      assert_close(self.attend(q, k, v, is_causal=causal),
-                   self.reference(q, k, v, is_causal=causal), err_msg=f"{T=} {S=} {causal=}")
+      assert_close(
+        self.attend(q, k, v, is_causal=causal),
+        self.reference(q, k, v, is_causal=causal),
+        err_msg=f"{T=} {S=} {causal=}",
+      )

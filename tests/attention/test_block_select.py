@@ -19,8 +19,8 @@ B, T, N, K, H, BLK = 2, 64, 4, 2, 8, 8
 
 def _selectors():
   return {
-      "topk": functools.partial(block_select.topk_block_map, num_blocks_per_row=2),
-      "mass": functools.partial(block_select.mass_block_map, mass=0.5),
+    "topk": functools.partial(block_select.topk_block_map, num_blocks_per_row=2),
+    "mass": functools.partial(block_select.mass_block_map, mass=0.5),
   }
 
 
@@ -28,10 +28,12 @@ def _selectors():
 @pytest.mark.parametrize("static", ["none", "causal", "window"])
 def test_selected_contains_forced_and_respects_static_mask(kind, static):
   q, k, _ = random_qkv(0, B, T, T, N, K, H, scale=2.0)
-  static_mask = {"none": None, "causal": masks.Causal(),
-                 "window": masks.SlidingWindow(24, 0)}[static]
-  bmap = jax.jit(lambda q, k: _selectors()[kind](q, k, block_q=BLK, block_k=BLK,
-                                                 mask=static_mask))(q, k)
+  static_mask = {"none": None, "causal": masks.Causal(), "window": masks.SlidingWindow(24, 0)}[
+    static
+  ]
+  bmap = jax.jit(lambda q, k: _selectors()[kind](q, k, block_q=BLK, block_k=BLK, mask=static_mask))(
+    q, k
+  )
   assert bmap.kv_counts.shape == (B, N, T // BLK)
   chosen = np.asarray(bmap.to_block_mask()) != EMPTY  # [B, N, Qb, Kb]
   diag = np.eye(T // BLK, dtype=bool)
@@ -41,8 +43,8 @@ def test_selected_contains_forced_and_respects_static_mask(kind, static):
     assert not (chosen & ~allowed).any(), "a tile outside the static mask was selected"
     # PARTIAL/FULL classification comes from the static mask.
     np.testing.assert_array_equal(
-        np.where(chosen, static_mask.block_mask(T, T, BLK, BLK), 0),
-        np.asarray(bmap.to_block_mask()))
+      np.where(chosen, static_mask.block_mask(T, T, BLK, BLK), 0), np.asarray(bmap.to_block_mask())
+    )
   if kind == "topk":
     assert int(np.max(bmap.kv_counts)) <= 3
   # Content-dependent: heads or batch elements choose differently.
@@ -52,8 +54,14 @@ def test_selected_contains_forced_and_respects_static_mask(kind, static):
 def test_topk_picks_the_highest_scoring_tiles():
   q, k, _ = random_qkv(1, 1, T, T, 2, 2, H)
   scores = np.asarray(block_select.pooled_block_scores(q, k, block_q=BLK, block_k=BLK))
-  bmap = block_select.topk_block_map(q, k, block_q=BLK, block_k=BLK, num_blocks_per_row=3,
-                                     forced=np.zeros((T // BLK, T // BLK), bool))
+  bmap = block_select.topk_block_map(
+    q,
+    k,
+    block_q=BLK,
+    block_k=BLK,
+    num_blocks_per_row=3,
+    forced=np.zeros((T // BLK, T // BLK), bool),
+  )
   chosen = np.asarray(bmap.to_block_mask()) != EMPTY
   want = np.argsort(-scores, axis=-1)[..., :3]
   for n in range(2):
@@ -63,12 +71,10 @@ def test_topk_picks_the_highest_scoring_tiles():
 
 def test_mass_threshold_one_keeps_every_allowed_tile_and_small_mass_keeps_few():
   q, k, _ = random_qkv(2, 1, T, T, 2, 1, H, scale=3.0)
-  full = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=1.0,
-                                     mask=masks.Causal())
+  full = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=1.0, mask=masks.Causal())
   allowed = masks.Causal().block_mask(T, T, BLK, BLK) != EMPTY
   np.testing.assert_array_equal(np.asarray(full.to_block_mask()[0, 0]) != EMPTY, allowed)
-  few = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=0.05,
-                                    mask=masks.Causal())
+  few = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=0.05, mask=masks.Causal())
   assert np.asarray(few.kv_counts).max() <= 2  # best tile + forced diagonal
 
 

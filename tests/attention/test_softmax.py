@@ -32,18 +32,18 @@ class TestSoftmaxChunkedDefaultTiles(AttentionConformance):
 
 def _mask_cases():
   return {
-      "causal": masks.Causal(),
-      "causal_offset": masks.Causal(offset=5),
-      "window": masks.SlidingWindow(left=9, right=3),
-      "chunked": masks.Chunked(16),
-      "neighborhood_2d": masks.Neighborhood((6, 8), window=(3, 5)),
-      "neighborhood_causal": masks.Neighborhood((48,), window=7, causal=True),
-      "blocked": masks.Blocked(12, 12),
-      "global": masks.GlobalTokens(3) | masks.SlidingWindow(4, 4),
-      "segments": masks.Segments(np.repeat(np.arange(4), 12)),
-      "random": masks.RandomBlocks(0.4, 8, 8, seed=1, seq_q=48, seq_k=48),
-      "dense": masks.DenseMask(np.random.default_rng(0).random((48, 48)) < 0.3),
-      "and_or": (masks.SlidingWindow(20, 0) & masks.Causal()) | masks.AttentionSinks(2),
+    "causal": masks.Causal(),
+    "causal_offset": masks.Causal(offset=5),
+    "window": masks.SlidingWindow(left=9, right=3),
+    "chunked": masks.Chunked(16),
+    "neighborhood_2d": masks.Neighborhood((6, 8), window=(3, 5)),
+    "neighborhood_causal": masks.Neighborhood((48,), window=7, causal=True),
+    "blocked": masks.Blocked(12, 12),
+    "global": masks.GlobalTokens(3) | masks.SlidingWindow(4, 4),
+    "segments": masks.Segments(np.repeat(np.arange(4), 12)),
+    "random": masks.RandomBlocks(0.4, 8, 8, seed=1, seq_q=48, seq_k=48),
+    "dense": masks.DenseMask(np.random.default_rng(0).random((48, 48)) < 0.3),
+    "and_or": (masks.SlidingWindow(20, 0) & masks.Causal()) | masks.AttentionSinks(2),
   }
 
 
@@ -56,11 +56,22 @@ def test_mask_kinds_chunked_equals_xla_equals_dense(name):
   assert_close(dpa(q, k, v, mask=mask, implementation="xla"), want)
 
   def loss(impl, q, k, v):
-    return jnp.sum(jnp.sin(dpa(q, k, v, mask=mask, implementation=impl,
-                               block_sizes=BlockSizes(8, 16) if impl == "chunked" else None)))
+    return jnp.sum(
+      jnp.sin(
+        dpa(
+          q,
+          k,
+          v,
+          mask=mask,
+          implementation=impl,
+          block_sizes=BlockSizes(8, 16) if impl == "chunked" else None,
+        )
+      )
+    )
 
-  assert_close(dpa(q, k, v, mask=mask, implementation="chunked", block_sizes=BlockSizes(8, 16)),
-               want)
+  assert_close(
+    dpa(q, k, v, mask=mask, implementation="chunked", block_sizes=BlockSizes(8, 16)), want
+  )
   got = jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
   for g, r in zip(got, ref, strict=True):
@@ -86,8 +97,9 @@ def test_agrees_with_jax_nn_dot_product_attention(impl):
 def test_segment_ids_equal_separate_sequences(impl):
   q, k, v = random_qkv(2, 1, 30, 30, 2, 2, 8)
   ids = jnp.asarray([[0] * 12 + [1] * 18])
-  packed = dpa(q, k, v, segment_ids=ids, is_causal=True, implementation=impl,
-               block_sizes=BlockSizes(8, 8))
+  packed = dpa(
+    q, k, v, segment_ids=ids, is_causal=True, implementation=impl, block_sizes=BlockSizes(8, 8)
+  )
   first = dpa(q[:, :12], k[:, :12], v[:, :12], is_causal=True, implementation="xla")
   second = dpa(q[:, 12:], k[:, 12:], v[:, 12:], is_causal=True, implementation="xla")
   assert_close(packed, jnp.concatenate([first, second], axis=1))
@@ -99,7 +111,7 @@ def test_cross_attention_segment_pair(impl):
   q_ids = jnp.asarray([[0] * 4 + [1] * 6])
   kv_ids = jnp.asarray([[0] * 9 + [1] * 5])
   got = dpa(q, k, v, segment_ids=(q_ids, kv_ids), implementation=impl)
-  keep = (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+  keep = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
   assert_close(got, dpa(q, k, v, mask=keep, implementation="xla"))
 
 
@@ -117,12 +129,14 @@ def test_chunked_bias_gradient_matches_xla():
   bias = jax.random.normal(jax.random.PRNGKey(6), (2, 1, 20, 24))
 
   def loss(impl, bias):
-    out = dpa(q, k, v, bias=bias, is_causal=True, implementation=impl,
-              block_sizes=BlockSizes(8, 8))
+    out = dpa(q, k, v, bias=bias, is_causal=True, implementation=impl, block_sizes=BlockSizes(8, 8))
     return jnp.sum(out**2)
 
-  assert_close(jax.grad(lambda b: loss("chunked", b))(bias),
-               jax.grad(lambda b: loss("xla", b))(bias), grad=True)
+  assert_close(
+    jax.grad(lambda b: loss("chunked", b))(bias),
+    jax.grad(lambda b: loss("xla", b))(bias),
+    grad=True,
+  )
 
 
 def test_chunked_skips_empty_tiles():
@@ -144,22 +158,25 @@ def test_registry_lists_softmax_and_rejects_unknown_names():
 
 
 @pytest.mark.parametrize(
-    "shapes, kwargs, error, match",
-    [
-        (((2, 8, 4), (2, 8, 4, 8), (2, 8, 4, 8)), {}, ValueError, "q must have rank 4"),
-        (((2, 8, 4, 8), (2, 8, 3, 8), (2, 8, 3, 8)), {}, ValueError, "multiple of kv heads"),
-        (((2, 8, 4, 8), (2, 8, 2, 6), (2, 8, 2, 8)), {}, ValueError, "head dim"),
-        (((2, 8, 4, 8), (2, 9, 2, 8), (2, 8, 2, 8)), {}, ValueError, "S=9"),
-        (((2, 8, 4, 8), (3, 8, 2, 8), (3, 8, 2, 8)), {}, ValueError, "batch sizes differ"),
-        (((1, 8, 2, 8),) * 3, {"mask": np.ones((7, 8), bool)}, ValueError, "does not broadcast"),
-        (((1, 8, 2, 8),) * 3, {"mask": np.ones((8, 8), np.int32)}, TypeError, "boolean"),
-        (((1, 8, 2, 8),) * 3, {"implementation": "flash"}, ValueError, "not one of"),
-        (((1, 8, 2, 8),) * 3, {"implementation": "chunked", "block_sizes": (8, 8)}, TypeError,
-         "BlockSizes"),
-        (((1, 8, 2, 8),) * 3, {"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"),
-        (((1, 8, 2, 8),) * 3, {"segment_ids": np.zeros((1, 7), np.int32)}, ValueError,
-         "segment_ids"),
-    ],
+  "shapes, kwargs, error, match",
+  [
+    (((2, 8, 4), (2, 8, 4, 8), (2, 8, 4, 8)), {}, ValueError, "q must have rank 4"),
+    (((2, 8, 4, 8), (2, 8, 3, 8), (2, 8, 3, 8)), {}, ValueError, "multiple of kv heads"),
+    (((2, 8, 4, 8), (2, 8, 2, 6), (2, 8, 2, 8)), {}, ValueError, "head dim"),
+    (((2, 8, 4, 8), (2, 9, 2, 8), (2, 8, 2, 8)), {}, ValueError, "S=9"),
+    (((2, 8, 4, 8), (3, 8, 2, 8), (3, 8, 2, 8)), {}, ValueError, "batch sizes differ"),
+    (((1, 8, 2, 8),) * 3, {"mask": np.ones((7, 8), bool)}, ValueError, "does not broadcast"),
+    (((1, 8, 2, 8),) * 3, {"mask": np.ones((8, 8), np.int32)}, TypeError, "boolean"),
+    (((1, 8, 2, 8),) * 3, {"implementation": "flash"}, ValueError, "not one of"),
+    (
+      ((1, 8, 2, 8),) * 3,
+      {"implementation": "chunked", "block_sizes": (8, 8)},
+      TypeError,
+      "BlockSizes",
+    ),
+    (((1, 8, 2, 8),) * 3, {"logits_soft_cap": -1.0}, ValueError, "logits_soft_cap"),
+    (((1, 8, 2, 8),) * 3, {"segment_ids": np.zeros((1, 7), np.int32)}, ValueError, "segment_ids"),
+  ],
 )
 def test_bad_input_raises_clear_errors(shapes, kwargs, error, match):
   q, k, v = (jnp.zeros(s) for s in shapes)

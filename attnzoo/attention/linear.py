@@ -1,0 +1,322 @@
+"""Linear attention with a per-head scalar decay: Lightning Attention-1/2, TransNormerLLM, 1+elu.
+
+Papers: "Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large
+Language Models" (Qin et al., arXiv 2401.04658), Eq. 3 and Algorithms 1-2; "Various Lengths,
+Constant Speed: Efficient Language Modeling with Lightning Attention" (arXiv 2405.17381);
+"Transformers are RNNs" (Katharopoulos et al., arXiv 2006.16236) for the elu+1 feature map.
+
+Causal, with φ the feature map and λ_n = exp(decay_n) <= 1 per query head:
+
+  S_t = λ S_{t-1} + φ(k_t)ᵀ v_t,    o_t = φ(q_t) S_t,    S_{-1} = initial_state   (fp32 [B,N,H,V])
+      ⇔ o_t = Σ_{s<=t} λ^{t-s} (φ(q_t)·φ(k_s)) v_s + λ^{t+1} φ(q_t) S_{-1}
+
+Non-causal (decay must be None): o_t = φ(q_t) (S_{-1} + Σ_s φ(k_s)ᵀ v_s), and T may differ from S.
+
+Shapes: q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> out [B,T,N,Hv]; N % K == 0 (query head n reads
+kv head n // G), kv heads are never repeated in memory.
+
+Implementations (`implementation=`; None = "pallas" on GPU/TPU, "chunked" on CPU):
+  "xla"        the quadratic masked form O = ((φ(Q)φ(K)ᵀ) ⊙ D) V, D[t,s] = λ^{t-s}[t>=s]: readable,
+               O(T²) memory (pallas_kernels/linear/reference.py);
+  "recurrent"  the token recurrence above with `lax.scan` (the decoding form; slow for training);
+  "chunked"    Algorithm 1 as a `lax.scan` over blocks of `block_size` rows: quadratic inside a
+               block, the fp32 state across blocks; decays in log space, λ^{-n} never formed;
+  "pallas"     the tiled kernel with Algorithm 2's backward (pallas_kernels/linear). On a CPU
+               backend it runs in the Pallas interpreter automatically (no `interpret` argument).
+
+Differences from the papers:
+  * The decay is given in log space (`decay = log λ <= 0`, shape [N]); `tnl.tnl_slopes` builds
+    the schedule of the official TNL code. Gradients flow to it (the papers keep it fixed).
+  * Lightning/TNL use the identity feature map on already-activated q, k (TNL applies SiLU in the
+    projection; `feature_map="silu"` does the same here). Katharopoulos et al. divide by
+    φ(q_t)·Σφ(k_s); this family returns the unnormalised numerator, as Lightning does (TNL puts
+    `tnl.norm_attention_output` after it). For the normalised form append a ones column to v and
+    divide by the last output column.
+  * `scale` multiplies q (default 1, not 1/sqrt(H): there is no softmax temperature).
+  * Eq. 9 of LA-2 prints Λ = diag(λ⁰..λ^{B-1}); Algorithm 1 (followed here) uses diag(λ¹..λ^B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+from jaxtyping import Array, Float
+
+from attnzoo.attention import registry
+from pallas_kernels import linear as linear_kernels
+from pallas_kernels.linear.reference import (
+    linear_attention_recurrent,
+    linear_attention_reference,
+    split_heads,
+)
+
+FAMILY_NAME = "linear"
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature maps
+# ---------------------------------------------------------------------------------------------
+
+
+def elu1(x):
+  """elu(x) + 1 written without expm1 (which has no Pallas-TPU lowering)."""
+  return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
+
+
+FEATURE_MAPS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "elu1": elu1,
+    "silu": jax.nn.silu,
+}
+
+
+def _feature_map(feature_map) -> Callable[[Array], Array]:
+  if feature_map is None:
+    return FEATURE_MAPS["identity"]
+  if callable(feature_map):
+    return feature_map
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f"feature_map={feature_map!r} is not one of {sorted(FEATURE_MAPS)}, None "
+                     "or a callable")
+  return FEATURE_MAPS[feature_map]
+
+
+def _apply_feature_map(phi, x):
+  return phi(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: (q, k, v, log_decay | None, state0 | None, block_size) -> (out, state)
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunked(q, k, v, log_decay, state0, block_size):
+  """Algorithm 1 of LA-2 in log space, one `lax.scan` step per block (see blocks.py for the
+  same equations as a kernel). A ragged tail block is zero-padded; its clamped positions keep
+  the final state exact."""
+  b, t, n, h = q.shape
+  g = split_heads(q, k)
+  kh, vd = n // g, v.shape[3]
+  c = block_size
+  pad = -t % c
+  nc = (t + pad) // c
+
+  def blocks_of(x, *inner):
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(b, nc, c, *inner), 1, 0)
+
+  q_nbckgh = blocks_of(q, kh, g, h)
+  k_nbckh, v_nbckv = blocks_of(k, kh, h), blocks_of(v, kh, vd)
+  s_kg = (jnp.zeros((kh, g), jnp.float32) if log_decay is None
+          else log_decay.astype(jnp.float32).reshape(kh, g))
+  state = (jnp.zeros((b, kh, g, h, vd), jnp.float32) if state0 is None
+           else state0.astype(jnp.float32).reshape(b, kh, g, h, vd))
+  causal_cd = jnp.tril(jnp.ones((c, c), bool))
+
+  def step(state_bkghv, xs):
+    q_bckgh, k_bckh, v_bckv, i = xs
+    n_valid = jnp.minimum(c, t - i * c).astype(jnp.float32)
+    pos_c = jnp.minimum(jnp.arange(1, c + 1, dtype=jnp.float32), n_valid)
+    cum_kgc = s_kg[..., None] * pos_c[None, None]
+    total_kg = s_kg * n_valid
+    diff_kgcd = jnp.minimum(cum_kgc[..., :, None] - cum_kgc[..., None, :], 0.0)
+    intra_kgcd = jnp.where(causal_cd[None, None], jnp.exp(diff_kgcd), 0.0)
+    scores_bkgcd = jnp.einsum("bckgh,bdkh->bkgcd", q_bckgh, k_bckh) * intra_kgcd[None]
+    out_bckgv = jnp.einsum("bkgcd,bdkv->bckgv", scores_bkgcd, v_bckv) + jnp.einsum(
+        "bckgh,kgc,bkghv->bckgv", q_bckgh, jnp.exp(cum_kgc), state_bkghv)
+    k_decay_kgc = jnp.exp(total_kg[..., None] - cum_kgc)
+    state_bkghv = (jnp.exp(total_kg)[None, ..., None, None] * state_bkghv
+                   + jnp.einsum("bckh,kgc,bckv->bkghv", k_bckh, k_decay_kgc, v_bckv))
+    return state_bkghv, out_bckgv
+
+  final, out_nbckgv = lax.scan(step, state, (q_nbckgh, k_nbckh, v_nbckv, jnp.arange(nc)))
+  out = jnp.moveaxis(out_nbckgv, 0, 1).reshape(b, nc * c, n, vd)[:, :t]
+  return out.astype(q.dtype), final.reshape(b, n, h, vd)
+
+
+def _xla(q, k, v, log_decay, state0, block_size):
+  del block_size
+  return linear_attention_reference(q, k, v, log_decay, state0)
+
+
+def _recurrent(q, k, v, log_decay, state0, block_size):
+  del block_size
+  return linear_attention_recurrent(q, k, v, log_decay, state0)
+
+
+def _pallas(q, k, v, log_decay, state0, block_size):
+  return linear_kernels.linear_attention(
+      q, k, v, log_decay=log_decay, initial_state=state0,
+      block_sizes=linear_kernels.BlockSizes(block_size),
+      interpret=jax.default_backend() == "cpu")
+
+
+_CAUSAL = {"pallas": _pallas, "chunked": _chunked, "xla": _xla, "recurrent": _recurrent}
+
+
+def _non_causal(q, k, v, state0, implementation):
+  """Right product φ(Q)(S₀ + φ(K)ᵀV); "xla" keeps the quadratic left product as the reference."""
+  if implementation == "xla":
+    return linear_attention_reference(q, k, v, None, state0, causal=False)
+  if implementation == "pallas":
+    logging.info("linear: no Pallas kernel for is_causal=False (two matmuls); using XLA einsums")
+  b, t, n, h = q.shape
+  g = split_heads(q, k)
+  kh, vd = n // g, v.shape[3]
+  kv_bkhv = jnp.einsum("bskh,bskv->bkhv", k.astype(jnp.float32), v.astype(jnp.float32))
+  state = kv_bkhv[:, :, None]
+  if state0 is not None:
+    state = state + state0.astype(jnp.float32).reshape(b, kh, g, h, vd)
+  out = jnp.einsum("btkgh,bkghv->btkgv", q.astype(jnp.float32).reshape(b, t, kh, g, h), state)
+  return out.reshape(b, t, n, vd).astype(q.dtype), state.reshape(b, n, h, vd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_decay(decay, num_heads):
+  if decay is None:
+    return None
+  decay = jnp.asarray(decay)
+  if decay.shape != (num_heads,):
+    raise ValueError(f"decay has shape {decay.shape}; expected ({num_heads},): one log-decay "
+                     "log(λ) <= 0 per query head (see tnl.tnl_slopes)")
+  if not isinstance(decay, jax.core.Tracer):
+    values = np.asarray(decay, np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values > 0):
+      raise ValueError(f"decay={values} must be finite and <= 0 (it is log λ with 0 < λ <= 1; "
+                       "for λ -> 0 use a large negative value such as -30)")
+  return decay.astype(jnp.float32)
+
+
+_SOFTMAX_ONLY = ("mask", "bias", "segment_ids", "logits_soft_cap")
+
+
+def attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
+    *,
+    mask=None,
+    bias=None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    segment_ids=None,
+    logits_soft_cap=None,
+    decay: Float[Array, " N"] | None = None,
+    feature_map: str | Callable[[Array], Array] | None = None,
+    block_size: int = 64,
+    initial_state: Float[Array, "B N H Hv"] | None = None,
+    return_final_state: bool = False,
+    implementation: str | None = None,
+):
+  """Decayed linear attention (see the module docstring for the equations and paper).
+
+  Args:
+    q, k, v: [B,T,N,H], [B,S,K,H], [B,S,K,Hv]; causal needs S == T.
+    mask, bias, segment_ids, logits_soft_cap: softmax-only options; passing one raises TypeError.
+    is_causal: causal recurrence (default) or the non-causal right product.
+    scale: multiplies q; None means 1.
+    decay: [N] per-head log λ <= 0, or None for λ = 1 (no decay).
+    feature_map: None/"identity" (Lightning, TNL with pre-activated q, k), "elu1"
+      (Katharopoulos), "silu", or a callable applied elementwise to q and k.
+    block_size: rows per tile of the "chunked" and "pallas" implementations.
+    initial_state: [B,N,H,Hv] state carried in from an earlier segment (fp32), or None.
+    return_final_state: also return the fp32 state [B,N,H,Hv] after the last token.
+    implementation: "pallas", "chunked", "xla", "recurrent", or None (best for the platform).
+
+  Returns:
+    out [B,T,N,Hv] in q.dtype, or (out, final_state) when `return_final_state`.
+  """
+  passed = {name: val for name, val in zip(_SOFTMAX_ONLY, (mask, bias, segment_ids,
+                                                           logits_soft_cap), strict=True)
+            if val is not None}
+  if passed:
+    raise TypeError(f"linear attention does not take {sorted(passed)}: it has no logits to mask "
+                    "or bias. Use is_causal=True/False, or a softmax family for masked attention")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H], [B,S,K,Hv]); got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not fit the layout "
+                     "q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]")
+  b, t, n, h = q.shape
+  split_heads(q, k)
+  if block_size <= 0 or block_size % 8:
+    raise ValueError(f"block_size={block_size} must be a positive multiple of 8 (e.g. 64)")
+  if initial_state is not None and initial_state.shape != (b, n, h, v.shape[3]):
+    raise ValueError(f"initial_state has shape {initial_state.shape}; expected "
+                     f"{(b, n, h, v.shape[3])} = [B,N,H,Hv]")
+  log_decay = _check_decay(decay, n)
+  name = registry.resolve_implementation(implementation, _CAUSAL, family=FAMILY_NAME)
+  phi = _feature_map(feature_map)
+  q, k = _apply_feature_map(phi, q), _apply_feature_map(phi, k)
+  if scale is not None:
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+  if is_causal:
+    if k.shape[1] != t:
+      raise ValueError(f"causal linear attention needs S == T, got T={t}, S={k.shape[1]}")
+    out, state = _CAUSAL[name](q, k, v, log_decay, initial_state, block_size)
+  else:
+    if log_decay is not None:
+      raise ValueError("decay is only defined for causal linear attention; pass decay=None "
+                       "with is_causal=False")
+    out, state = _non_causal(q, k, v, initial_state, name)
+  return (out, state) if return_final_state else out
+
+
+def init_state(batch: int, num_heads: int, head_dim: int, value_dim: int):
+  """The zero fp32 state [B,N,H,Hv] that starts a decode."""
+  return jnp.zeros((batch, num_heads, head_dim, value_dim), jnp.float32)
+
+
+def decode_step(
+    state: Float[Array, "B N H Hv"],
+    q_t: Float[Array, "B N H"],
+    k_t: Float[Array, "B K H"],
+    v_t: Float[Array, "B K Hv"],
+    *,
+    decay: Float[Array, " N"] | None = None,
+    feature_map: str | Callable[[Array], Array] | None = None,
+    scale: float | None = None,
+) -> tuple[Float[Array, "B N Hv"], Float[Array, "B N H Hv"]]:
+  """One causal token: S ← λ S + φ(k_t)ᵀ v_t, o_t = φ(q_t) S. Returns (o_t in q_t.dtype, S fp32).
+
+  Equal to `attention(..., is_causal=True)` run token by token with the state carried.
+  """
+  b, n, h = q_t.shape
+  kh, vd = k_t.shape[1], v_t.shape[2]
+  if n % kh:
+    raise ValueError(f"N={n} query heads is not divisible by K={kh} kv heads")
+  if state.shape != (b, n, h, vd):
+    raise ValueError(f"state has shape {state.shape}; expected {(b, n, h, vd)} = [B,N,H,Hv]")
+  g = n // kh
+  log_decay = _check_decay(decay, n)
+  phi = _feature_map(feature_map)
+  q32, k32 = phi(q_t.astype(jnp.float32)), phi(k_t.astype(jnp.float32))
+  if scale is not None:
+    q32 = q32 * scale
+  kv_bkhv = jnp.einsum("bkh,bkv->bkhv", k32, v_t.astype(jnp.float32))
+  state_bkghv = state.astype(jnp.float32).reshape(b, kh, g, h, vd)
+  if log_decay is not None:
+    state_bkghv = jnp.exp(log_decay).reshape(1, kh, g, 1, 1) * state_bkghv
+  state_bkghv = state_bkghv + kv_bkhv[:, :, None]
+  out = jnp.einsum("bkgh,bkghv->bkgv", q32.reshape(b, kh, g, h), state_bkghv)
+  return out.reshape(b, n, vd).astype(q_t.dtype), state_bkghv.reshape(b, n, h, vd)
+
+
+FAMILY = registry.Family(
+    name=FAMILY_NAME,
+    attention=attention,
+    implementations=tuple(_CAUSAL),
+    paper="Lightning Attention-2 (arXiv 2401.04658)",
+    supports_mask=False,
+    decode_step=decode_step,
+)
