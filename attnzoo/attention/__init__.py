@@ -6,12 +6,13 @@ up. Adding a family = one module with a `FAMILY` entry + one line below.
 
 from __future__ import annotations
 
-from attnzoo.attention import softmax
+from attnzoo.attention import linear, softmax
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
 from attnzoo.attention.softmax import dot_product_attention
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,
+  "linear": linear.FAMILY,
 }
 
 

@@ -169,7 +169,7 @@ def _non_causal(q, k, v, state0, implementation):
   g = split_heads(q, k)
   kh, vd = n // g, v.shape[3]
   kv_bkhv = jnp.einsum("bskh,bskv->bkhv", k.astype(jnp.float32), v.astype(jnp.float32))
-  state = kv_bkhv[:, :, None]
+  state = jnp.broadcast_to(kv_bkhv[:, :, None], (b, kh, g, h, vd))
   if state0 is not None:
     state = state + state0.astype(jnp.float32).reshape(b, kh, g, h, vd)
   out = jnp.einsum("btkgh,bkghv->btkgv", q.astype(jnp.float32).reshape(b, t, kh, g, h), state)
@@ -188,8 +188,11 @@ def _check_decay(decay, num_heads):
   if decay.shape != (num_heads,):
     raise ValueError(f"decay has shape {decay.shape}; expected ({num_heads},): one log-decay "
                      "log(λ) <= 0 per query head (see tnl.tnl_slopes)")
-  if not isinstance(decay, jax.core.Tracer):
+  try:  # concrete values are checked; traced ones (a learned decay under jit) cannot be
     values = np.asarray(decay, np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None
+  if values is not None:
     if not np.all(np.isfinite(values)) or np.any(values > 0):
       raise ValueError(f"decay={values} must be finite and <= 0 (it is log λ with 0 < λ <= 1; "
                        "for λ -> 0 use a large negative value such as -30)")
