@@ -72,8 +72,10 @@ def _fwd_and_fwd_bwd(attend):
 def _measure(name, attend, q, k, v, d_out, flops_fwd, repeats):
   row = dict(impl=name)
   fwd, fwd_bwd = _fwd_and_fwd_bwd(attend)
-  for mode, fn, args, flops in (("fwd", fwd, (q, k, v), flops_fwd),
-                                ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops_fwd)):
+  for mode, fn, args, flops in (
+    ("fwd", fwd, (q, k, v), flops_fwd),
+    ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops_fwd),
+  ):
     try:
       seconds = _time(fn, *args, repeats=repeats)
       row[f"{mode}_ms"] = seconds * 1e3
@@ -87,20 +89,34 @@ def _kernel(block_map, mask_fn, block_sizes, interpret):
   backend = "gpu"
 
   def attend(q, k, v):
-    return block_sparse_attention(q, k, v, block_map, mask_fn=mask_fn, block_sizes=block_sizes,
-                                  interpret=interpret, backend=backend)
+    return block_sparse_attention(
+      q,
+      k,
+      v,
+      block_map,
+      mask_fn=mask_fn,
+      block_sizes=block_sizes,
+      interpret=interpret,
+      backend=backend,
+    )
 
   return attend
 
 
 def _full_map(T, block_sizes):
   qb, kb = -(-T // block_sizes.block_q), -(-T // block_sizes.block_k)
-  return BlockMap.from_block_mask(np.full((qb, kb), 2, np.int32), block_q=block_sizes.block_q,
-                                  block_k=block_sizes.block_k, seq_q=T, seq_k=T)
+  return BlockMap.from_block_mask(
+    np.full((qb, kb), 2, np.int32),
+    block_q=block_sizes.block_q,
+    block_k=block_sizes.block_k,
+    seq_q=T,
+    seq_k=T,
+  )
 
 
-def dense_table(lengths, head_dims, block_sizes, *, repeats, dtype, interpret, peers, tokens,
-                width):
+def dense_table(
+  lengths, head_dims, block_sizes, *, repeats, dtype, interpret, peers, tokens, width
+):
   rows = []
   for H in head_dims:
     N = max(1, width // H)
@@ -112,8 +128,9 @@ def dense_table(lengths, head_dims, block_sizes, *, repeats, dtype, interpret, p
       attend = _kernel(_full_map(T, block_sizes), None, block_sizes, interpret)
       rows.append(point | _measure("pallas_block_sparse", attend, q, k, v, d_out, flops, repeats))
       for impl in peers:
-        attend = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v,
-                                                                          implementation=impl)
+        attend = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+          q, k, v, implementation=impl
+        )
         rows.append(point | _measure(f"dpa_{impl}", attend, q, k, v, d_out, flops, repeats))
       print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -126,12 +143,27 @@ def _sweep_masks(T, block_sizes):
     cases.append((f"neighborhood_1d(w={window})", masks.Neighborhood((T,), window=window)))
   if side * side == T:
     for window in (side // 2, side // 4, side // 8):
-      cases.append((f"neighborhood_2d({side}x{side}, w={window})",
-                    masks.Neighborhood((side, side), window=window)))
+      cases.append(
+        (
+          f"neighborhood_2d({side}x{side}, w={window})",
+          masks.Neighborhood((side, side), window=window),
+        )
+      )
   for density in (0.5, 0.25, 0.125, 0.0625):
-    cases.append((f"random_blocks(p={density})",
-                  masks.RandomBlocks(density, block_sizes.block_q, block_sizes.block_k, seed=0,
-                                     seq_q=T, seq_k=T, keep_diagonal=True)))
+    cases.append(
+      (
+        f"random_blocks(p={density})",
+        masks.RandomBlocks(
+          density,
+          block_sizes.block_q,
+          block_sizes.block_k,
+          seed=0,
+          seq_q=T,
+          seq_k=T,
+          keep_diagonal=True,
+        ),
+      )
+    )
   return cases
 
 
@@ -166,29 +198,49 @@ def _fmt(row, mode, field, spec):
 
 
 def to_markdown(doc) -> str:
-  lines = [f"# Block-sparse kernel on {doc['device']} (jax {doc['jax']}, {doc['dtype']})", "",
-           "## Dense (full mask): TFLOP/s", "",
-           "| T | H | B x N | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Block-sparse kernel on {doc['device']} (jax {doc['jax']}, {doc['dtype']})",
+    "",
+    "## Dense (full mask): TFLOP/s",
+    "",
+    "| T | H | B x N | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in doc["dense"]:
-    lines.append(f"| {r['T']} | {r['H']} | {r['B']} x {r['N']} | {r['impl']} | "
-                 f"{_fmt(r, 'fwd', 'ms', '.3f')} | {_fmt(r, 'fwd', 'tflops', '.3g')} | "
-                 f"{_fmt(r, 'fwd_bwd', 'ms', '.3f')} | {_fmt(r, 'fwd_bwd', 'tflops', '.3g')} |")
-  lines += ["", f"## Speed-up vs density (kernel on the full mask = 1), T={doc['sweep_T']}", "",
-            "| mask | density | ideal 1/density | fwd speed-up | fwd+bwd speed-up | "
-            "fwd TFLOP/s (visited) |", "|---|---|---|---|---|---|"]
+    lines.append(
+      f"| {r['T']} | {r['H']} | {r['B']} x {r['N']} | {r['impl']} | "
+      f"{_fmt(r, 'fwd', 'ms', '.3f')} | {_fmt(r, 'fwd', 'tflops', '.3g')} | "
+      f"{_fmt(r, 'fwd_bwd', 'ms', '.3f')} | {_fmt(r, 'fwd_bwd', 'tflops', '.3g')} |"
+    )
+  lines += [
+    "",
+    f"## Speed-up vs density (kernel on the full mask = 1), T={doc['sweep_T']}",
+    "",
+    "| mask | density | ideal 1/density | fwd speed-up | fwd+bwd speed-up | "
+    "fwd TFLOP/s (visited) |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in doc["density"]:
-    lines.append(f"| {r['mask']} | {r['density']:.4f} | {r['ideal_speedup']:.2f} | "
-                 f"{_fmt(r, 'fwd', 'speedup', '.2f')} | {_fmt(r, 'fwd_bwd', 'speedup', '.2f')} | "
-                 f"{_fmt(r, 'fwd', 'tflops', '.3g')} |")
+    lines.append(
+      f"| {r['mask']} | {r['density']:.4f} | {r['ideal_speedup']:.2f} | "
+      f"{_fmt(r, 'fwd', 'speedup', '.2f')} | {_fmt(r, 'fwd_bwd', 'speedup', '.2f')} | "
+      f"{_fmt(r, 'fwd', 'tflops', '.3g')} |"
+    )
   if doc.get("note"):
     lines += ["", doc["note"]]
   return "\n".join(lines) + "\n"
 
 
-def run(out_prefix: str = "results/gpu_block_sparse", *, dry_run: bool = False,
-        lengths=LENGTHS, head_dims=HEAD_DIMS, sweep_T: int = SWEEP_T, repeats: int = 5,
-        block_sizes: BlockSizes | None = None) -> dict:
+def run(
+  out_prefix: str = "results/gpu_block_sparse",
+  *,
+  dry_run: bool = False,
+  lengths=LENGTHS,
+  head_dims=HEAD_DIMS,
+  sweep_T: int = SWEEP_T,
+  repeats: int = 5,
+  block_sizes: BlockSizes | None = None,
+) -> dict:
   """Runs both tables and writes `<out_prefix>.json` and `<out_prefix>.md`; returns the doc.
 
   `dry_run=True` runs a tiny version in the Pallas interpreter on any machine (CPU: the
@@ -200,22 +252,47 @@ def run(out_prefix: str = "results/gpu_block_sparse", *, dry_run: bool = False,
     block_sizes = block_sizes or BlockSizes(64, 64)
     tokens, width = 256, 128
   elif jax.default_backend() != "gpu":
-    raise RuntimeError(f"no GPU (jax.default_backend()={jax.default_backend()!r}); "
-                       "pass dry_run=True (--dry_run) to check the script in interpret mode")
+    raise RuntimeError(
+      f"no GPU (jax.default_backend()={jax.default_backend()!r}); "
+      "pass dry_run=True (--dry_run) to check the script in interpret mode"
+    )
   block_sizes = block_sizes or BlockSizes(128, 64, num_warps=4, num_stages=2)
   interpret = jax.default_backend() != "gpu"
   peers = ("xla",) if interpret else ("cudnn", "xla")
   dtype = jnp.bfloat16
-  doc = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, dtype="bfloat16",
-             block_sizes=dataclasses.asdict(block_sizes), tokens_per_point=tokens, width=width,
-             sweep_T=sweep_T, interpret=interpret,
-             note="CPU dry run: interpreter timings, not GPU figures." if interpret else "")
+  doc = dict(
+    device=str(jax.devices()[0].device_kind),
+    jax=jax.__version__,
+    dtype="bfloat16",
+    block_sizes=dataclasses.asdict(block_sizes),
+    tokens_per_point=tokens,
+    width=width,
+    sweep_T=sweep_T,
+    interpret=interpret,
+    note="CPU dry run: interpreter timings, not GPU figures." if interpret else "",
+  )
   try:
-    doc["dense"] = dense_table(lengths, head_dims, block_sizes, repeats=repeats, dtype=dtype,
-                               interpret=interpret, peers=peers, tokens=tokens,
-                               width=width)
-    doc["density"] = density_table(sweep_T, max(head_dims), block_sizes, repeats=repeats,
-                                   dtype=dtype, interpret=interpret, tokens=tokens, width=width)
+    doc["dense"] = dense_table(
+      lengths,
+      head_dims,
+      block_sizes,
+      repeats=repeats,
+      dtype=dtype,
+      interpret=interpret,
+      peers=peers,
+      tokens=tokens,
+      width=width,
+    )
+    doc["density"] = density_table(
+      sweep_T,
+      max(head_dims),
+      block_sizes,
+      repeats=repeats,
+      dtype=dtype,
+      interpret=interpret,
+      tokens=tokens,
+      width=width,
+    )
   except Exception:
     doc["error"] = traceback.format_exc()
     raise

@@ -30,11 +30,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jaxtyping import Array, Float
 
 from attnzoo.attention import _validate, registry
 from attnzoo.attention.softmax_chunked import MASK_VALUE, chunked_attention
-from attnzoo.masks import Causal, Mask
+from attnzoo.masks import And, Causal, Mask, Segments
 from pallas_kernels.block_sparse import FULL, BlockMap, BlockSizes, num_blocks
 
 # Largest default tile of the chunked path; 512 x 512 was the fastest tile on these CPUs
@@ -178,32 +179,67 @@ def _chunked(q, k, v, *, block_sizes, **kw):
 
 
 def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, interpret, **_):
+  """The block-sparse kernel; table masks pass `mask.tables()` as kernel inputs.
+
+  A `Segments` mask (alone or AND-ed with others) becomes the kernel's native segment ids
+  when no `segment_ids` are given: one compare per tile costs less than gathering ids from
+  tables (GPU) or building keep tiles in XLA (TPU). Falls back to "chunked", with a
+  warning, where the kernel raises NotImplementedError (a custom mask whose predicate
+  closes over arrays it does not list in `tables()`).
+  """
   from pallas_kernels.block_sparse import block_sparse_attention  # noqa: PLC0415
+  from pallas_kernels.block_sparse.ops import MaskPredicate  # noqa: PLC0415
 
   if jax.default_backend() == "cpu" and not interpret:
     raise ValueError(
       "implementation='pallas' on CPU needs interpret=True (the Pallas "
       "interpreter); use implementation='chunked' for speed on CPU"
     )
-  block_sizes = block_sizes or BlockSizes()
+  tiles = block_sizes or BlockSizes()
   T, S = q.shape[1], k.shape[1]
-  bq, bk = block_sizes.block_q, block_sizes.block_k
+  bq, bk = tiles.block_q, tiles.block_k
   if structured is None:
     full = np.full((num_blocks(T, bq), num_blocks(S, bk)), FULL, np.int32)
     block_map = BlockMap.from_block_mask(full, block_q=bq, block_k=bk, seq_q=T, seq_k=S)
-    mask_fn = None
+    mask_fn, tables = None, ()
   else:
-    block_map = structured.block_map(T, S, bq, bk)
-    mask_fn = lambda qp, kp: structured.predicate(qp, kp, jnp)  # noqa: E731
-  return block_sparse_attention(
+    block_map = structured.block_map(T, S, bq, bk)  # also checks the mask's lengths
+    mask = structured
+    parts = structured.masks if isinstance(structured, And) else (structured,)
+    documents = [m for m in parts if type(m) is Segments]
+    if segment_ids is None and len(documents) == 1:
+      ids = (documents[0].q_ids, documents[0].kv_ids)
+      segment_ids = tuple(jnp.broadcast_to(x[None], (q.shape[0], x.shape[0])) for x in ids)
+      rest = tuple(m for m in parts if m is not documents[0])
+      mask = (rest[0] if len(rest) == 1 else And(rest)) if rest else None
+    # Equal for equal masks (a rebuilt `mask & Causal()` too): eager calls reuse the kernels.
+    mask_fn, tables = (MaskPredicate(mask), mask.tables()) if mask is not None else (None, ())
+  try:
+    return block_sparse_attention(
+      q,
+      k,
+      v,
+      block_map,
+      mask_fn=mask_fn,
+      mask_tables=tables,
+      scale=scale,
+      segment_ids=segment_ids,
+      logits_soft_cap=soft_cap,
+      block_sizes=tiles,
+      interpret=interpret,
+    )
+  except NotImplementedError as e:
+    logging.warning("implementation='pallas' cannot run this call (%s); using 'chunked'", e)
+  return _chunked(
     q,
     k,
     v,
-    block_map,
-    mask_fn=mask_fn,
-    scale=scale,
+    structured=structured,
+    dense_mask=None,
+    bias=None,
     segment_ids=segment_ids,
-    logits_soft_cap=soft_cap,
+    scale=scale,
+    soft_cap=soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
   )

@@ -8,6 +8,12 @@ the transposed tables. The Triton backend has no scalar prefetch, so the int32 t
 ordinary inputs read element by element. K/V (forward, dQ) and Q/dO (dK/dV) are mapped
 whole per head and sliced with `pl.ds` inside the loop, as the tables are dynamic.
 
+Mask tables (`mask_tables=` of `block_sparse_attention`: segment ids, a dense keep array, a
+block pattern) are further whole-array inputs. The predicate reads them through `TableView`s,
+whose integer-array indexing is a gather *load* from the input (`ref[rows, cols]`): the
+Triton lowering has pointer-tensor loads but no rule for `lax.gather` of a loaded value.
+Bool tables travel as int8 and are compared back to bool on load.
+
 This module also holds the tile math shared with `kernel_tpu` (`KernelConfig`,
 `masked_logits`, `online_softmax_step`, `finalize`, `backward_tile`): one definition of the
 numerics for both lowerings.
@@ -46,6 +52,80 @@ class KernelConfig:
   interpret: bool
   num_warps: int = 4
   num_stages: int = 2
+  # dtypes (names) of the mask tables as the caller gave them; non-empty means
+  # `mask_fn(tables, q_pos, k_pos)`, empty means `mask_fn(q_pos, k_pos)`.
+  table_dtypes: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ mask tables
+
+
+class TableView:
+  """A mask table inside the GPU kernel: `.shape`, `.ndim`, `.dtype` and gather indexing.
+
+  `view[rows, cols]` (integer arrays, broadcasting) loads only the addressed entries from
+  the kernel input. Converting a view to an array (`jnp.asarray`) is not supported: write
+  predicates against `table_xp` (whose `asarray` returns views unchanged) or index directly.
+  """
+
+  def __init__(self, ref, dtype: str):
+    self._ref, self.dtype = ref, jnp.dtype(dtype)
+
+  @property
+  def shape(self):
+    return self._ref.shape
+
+  @property
+  def ndim(self):
+    return len(self._ref.shape)
+
+  def __getitem__(self, index):
+    value = self._ref[index]
+    return value != 0 if self.dtype == jnp.bool_ else value
+
+
+class _TableNamespace:
+  """`jax.numpy`, except that `asarray` returns `TableView`s unchanged.
+
+  The array module for a `mask_fn(tables, q_pos, k_pos)` written as
+  `xp.asarray(table)[index]` (as the attnzoo masks are): the same predicate then gathers
+  from arrays (references, TPU keep tiles) and from kernel inputs (GPU).
+  """
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def asarray(x, *args, **kwargs):
+    return x if isinstance(x, TableView) else jnp.asarray(x, *args, **kwargs)
+
+
+table_xp = _TableNamespace()
+
+
+def prepare_tables(mask_tables, block_map, cfg: KernelConfig):
+  """The kernel inputs for `mask_tables`: the tables themselves, bool stored as int8."""
+  del block_map, cfg
+  return tuple(t.astype(jnp.int8) if t.dtype == jnp.bool_ else t for t in mask_tables)
+
+
+def _keep_fn(cfg: KernelConfig, table_refs):
+  """The element predicate `(q_pos, k_pos) -> keep` of a tile, or None."""
+  if cfg.mask_fn is None:
+    return None
+  if not cfg.table_dtypes:
+    return cfg.mask_fn
+  views = tuple(TableView(r, d) for r, d in zip(table_refs, cfg.table_dtypes, strict=True))
+  return lambda q_pos, k_pos: cfg.mask_fn(views, q_pos, k_pos)
+
+
+def _split_refs(refs, cfg: KernelConfig):
+  """(mask table refs, (seg_q_ref, seg_k_ref) or None, remaining refs) of a kernel."""
+  n = len(cfg.table_dtypes)
+  tables, refs = refs[:n], refs[n:]
+  if cfg.has_segments:
+    return tables, refs[:2], refs[2:]
+  return tables, None, refs
 
 
 # ------------------------------------------------------------------ tile math (shared)
@@ -60,20 +140,21 @@ def tile_logits(q, k, cfg: KernelConfig):
   return cfg.soft_cap * t, t
 
 
-def masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg: KernelConfig):
+def masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg: KernelConfig, keep_fn):
   """Sets dropped entries of a logits tile to -inf.
 
-  `mask_fn` runs only when the tile is PARTIAL (`lax.cond` on the table flag); keys past
-  the unpadded S are dropped on every tile; segment ids ([bq, 1] and [1, bk]) on every tile.
+  `keep_fn(q_pos, k_pos)` (the element predicate, or None) runs only when the tile is
+  PARTIAL (`lax.cond` on the table flag); keys past the unpadded S are dropped on every
+  tile; segment ids ([bq, 1] and [1, bk]) on every tile.
   """
   shape = s.shape
   neg_inf = jnp.full(shape, -jnp.inf, _F32)
-  if cfg.mask_fn is not None:
+  if keep_fn is not None:
 
     def apply_mask(s):
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
       k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-      keep = jnp.broadcast_to(cfg.mask_fn(q_pos, k_pos), shape)
+      keep = jnp.broadcast_to(keep_fn(q_pos, k_pos), shape)
       return jnp.where(keep, s, neg_inf)
 
     s = lax.cond(partial != 0, apply_mask, lambda s: s, s)
@@ -108,10 +189,10 @@ def finalize(m, denom, acc):
   return out, lse
 
 
-def backward_tile(q, k, v, do, lse, delta, q_start, k_start, partial, seg_q, seg_k, cfg):
+def backward_tile(q, k, v, do, lse, delta, q_start, k_start, partial, seg_q, seg_k, cfg, keep_fn):
   """Recomputes p for one tile and returns (ds, p) with ds = dL/d(raw scaled logits)."""
   s, t = tile_logits(q, k, cfg)
-  s = masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg)
+  s = masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg, keep_fn)
   p = jnp.exp(s - lse)
   dp = jnp.dot(do, v.T, preferred_element_type=_F32)
   ds = p * (dp - delta)
@@ -128,10 +209,10 @@ def _group_index(groups: int, i):
 
 
 def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, heads_map: int):
-  if cfg.has_segments:
-    seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  table_refs, seg_refs, (q_ref, k_ref, v_ref, o_ref, lse_ref) = _split_refs(refs, cfg)
+  if seg_refs:
+    seg_q_ref, seg_k_ref = seg_refs
+  keep_fn = _keep_fn(cfg, table_refs)
   n, i = pl.program_id(1), pl.program_id(2)
   nm = _group_index(heads_map, n)
   bq, bk = cfg.block_q, cfg.block_k
@@ -143,21 +224,25 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, h
     start = pl.multiple_of(j * bk, bk)
     s, _ = tile_logits(q, k_ref[pl.ds(start, bk), :], cfg)
     seg_k = seg_k_ref[pl.ds(start, bk)][None, :] if cfg.has_segments else None
-    s = masked_logits(s, i * bq, start, kv_part_ref[nm, i, t], seg_q, seg_k, cfg)
+    s = masked_logits(s, i * bq, start, kv_part_ref[nm, i, t], seg_q, seg_k, cfg, keep_fn)
     return online_softmax_step(s, v_ref[pl.ds(start, bk), :], *carry)
 
-  init = (jnp.full((bq, 1), -jnp.inf, _F32), jnp.zeros((bq, 1), _F32),
-          jnp.zeros((bq, v_ref.shape[-1]), _F32))
+  init = (
+    jnp.full((bq, 1), -jnp.inf, _F32),
+    jnp.zeros((bq, 1), _F32),
+    jnp.zeros((bq, v_ref.shape[-1]), _F32),
+  )
   out, lse = finalize(*lax.fori_loop(0, kv_cnt_ref[nm, i], body, init))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
 
 def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, heads_map: int):
-  if cfg.has_segments:
-    seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  table_refs, seg_refs, rest = _split_refs(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = rest
+  if seg_refs:
+    seg_q_ref, seg_k_ref = seg_refs
+  keep_fn = _keep_fn(cfg, table_refs)
   n, i = pl.program_id(1), pl.program_id(2)
   nm = _group_index(heads_map, n)
   bq, bk = cfg.block_q, cfg.block_k
@@ -170,20 +255,35 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, he
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     seg_k = seg_k_ref[pl.ds(start, bk)][None, :] if cfg.has_segments else None
-    ds, _ = backward_tile(q, k, v_ref[pl.ds(start, bk), :], do, lse, delta, i * bq, start,
-                          kv_part_ref[nm, i, t], seg_q, seg_k, cfg)
+    ds, _ = backward_tile(
+      q,
+      k,
+      v_ref[pl.ds(start, bk), :],
+      do,
+      lse,
+      delta,
+      i * bq,
+      start,
+      kv_part_ref[nm, i, t],
+      seg_q,
+      seg_k,
+      cfg,
+      keep_fn,
+    )
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
 
   dq = lax.fori_loop(0, kv_cnt_ref[nm, i], body, jnp.zeros(q.shape, _F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, *refs, cfg: KernelConfig, heads_map: int,
-                 group: int):
-  if cfg.has_segments:
-    seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+def _dkdv_kernel(
+  q_idx_ref, q_cnt_ref, q_part_ref, *refs, cfg: KernelConfig, heads_map: int, group: int
+):
+  table_refs, seg_refs, rest = _split_refs(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+  if seg_refs:
+    seg_q_ref, seg_k_ref = seg_refs
+  keep_fn = _keep_fn(cfg, table_refs)
   kh, j = pl.program_id(1), pl.program_id(2)
   bq, bk = cfg.block_q, cfg.block_k
   k, v = k_ref[...], v_ref[...]
@@ -201,8 +301,9 @@ def _dkdv_kernel(q_idx_ref, q_cnt_ref, q_part_ref, *refs, cfg: KernelConfig, hea
       q, do = q_ref[rows, g, :], do_ref[rows, g, :]
       lse, delta = lse_ref[g, rows][:, None], delta_ref[g, rows][:, None]
       seg_q = seg_q_ref[rows][:, None] if cfg.has_segments else None
-      ds, p = backward_tile(q, k, v, do, lse, delta, start, j * bk, q_part_ref[nm, j, t],
-                            seg_q, seg_k, cfg)
+      ds, p = backward_tile(
+        q, k, v, do, lse, delta, start, j * bk, q_part_ref[nm, j, t], seg_q, seg_k, cfg, keep_fn
+      )
       dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=_F32)
       dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32)
       return dk, dv
@@ -231,41 +332,64 @@ def _table_specs(tables):
   return specs
 
 
+def _whole_specs(arrays):
+  """Whole-array BlockSpecs (any grid): the mask tables, gathered from by position."""
+  return [pl.BlockSpec(a.shape, lambda *_, nd=a.ndim: (0,) * nd) for a in arrays]
+
+
 def _params(cfg: KernelConfig, interpret: bool):
   if interpret:
     return {}
   return dict(compiler_params=compat.triton_compiler_params(cfg.num_warps, cfg.num_stages))
 
 
-def forward(q, k, v, kv_tables, segments, cfg: KernelConfig):
-  """q [B, Tp, N, H], k [B, Sp, K, H], v [B, Sp, K, Hv] -> (out [B, Tp, N, Hv], lse [B, N, Tp])."""
+def forward(q, k, v, kv_tables, segments, mask_inputs, cfg: KernelConfig):
+  """q [B, Tp, N, H], k [B, Sp, K, H], v [B, Sp, K, Hv] -> (out [B, Tp, N, Hv], lse [B, N, Tp]).
+
+  `mask_inputs`: what `prepare_tables` returned (empty without mask tables).
+  """
   B, Tp, N, H = q.shape
   _, Sp, K, Hv = v.shape
   G, bq = N // K, cfg.block_q
   heads_map = kv_tables[0].shape[1]
   seg_specs, seg_args = [], []
   if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
-                 pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
+    seg_specs = [
+      pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
+      pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
+    ]
     seg_args = list(segments)
   in_specs = [
-      *_table_specs(kv_tables), *seg_specs,
-      pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-      pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
-      pl.BlockSpec((None, Sp, None, Hv), lambda b, n, i: (b, 0, n // G, 0)),
+    *_table_specs(kv_tables),
+    *_whole_specs(mask_inputs),
+    *seg_specs,
+    pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+    pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
+    pl.BlockSpec((None, Sp, None, Hv), lambda b, n, i: (b, 0, n // G, 0)),
   ]
-  out_specs = [pl.BlockSpec((None, bq, None, Hv), lambda b, n, i: (b, i, n, 0)),
-               pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))]
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, N, Hv), q.dtype),
-               jax.ShapeDtypeStruct((B, N, Tp), _F32)]
+  out_specs = [
+    pl.BlockSpec((None, bq, None, Hv), lambda b, n, i: (b, i, n, 0)),
+    pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+  ]
+  out_shape = [
+    jax.ShapeDtypeStruct((B, Tp, N, Hv), q.dtype),
+    jax.ShapeDtypeStruct((B, N, Tp), _F32),
+  ]
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, heads_map=heads_map),
-      grid=(B, N, Tp // bq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=cfg.interpret, name="block_sparse_fwd", **_params(cfg, cfg.interpret),
-  )(*kv_tables, *seg_args, q, k, v)
+    functools.partial(_fwd_kernel, cfg=cfg, heads_map=heads_map),
+    grid=(B, N, Tp // bq),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    interpret=cfg.interpret,
+    name="block_sparse_fwd",
+    **_params(cfg, cfg.interpret),
+  )(*kv_tables, *mask_inputs, *seg_args, q, k, v)
 
 
-def backward(q, k, v, do, lse, delta, kv_tables, q_tables, segments, cfg: KernelConfig):
+def backward(
+  q, k, v, do, lse, delta, kv_tables, q_tables, segments, mask_inputs, cfg: KernelConfig
+):
   """Returns (dq, dk, dv) in the padded layouts of q, k, v; lse, delta [B, N, Tp] fp32."""
   B, Tp, N, H = q.shape
   _, Sp, K, Hv = v.shape
@@ -275,44 +399,58 @@ def backward(q, k, v, do, lse, delta, kv_tables, q_tables, segments, cfg: Kernel
 
   seg_specs = []
   if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
-                 pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
+    seg_specs = [
+      pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
+      pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
+    ]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, heads_map=heads_map),
-      grid=(B, N, Tp // bq),
-      in_specs=[
-          *_table_specs(kv_tables), *seg_specs,
-          pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-          pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
-          pl.BlockSpec((None, Sp, None, Hv), lambda b, n, i: (b, 0, n // G, 0)),
-          pl.BlockSpec((None, bq, None, Hv), lambda b, n, i: (b, i, n, 0)),
-          pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-          pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
-      ],
-      out_specs=pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      interpret=cfg.interpret, name="block_sparse_dq", **_params(cfg, cfg.interpret),
-  )(*kv_tables, *seg_args, q, k, v, do, lse, delta)
+    functools.partial(_dq_kernel, cfg=cfg, heads_map=heads_map),
+    grid=(B, N, Tp // bq),
+    in_specs=[
+      *_table_specs(kv_tables),
+      *_whole_specs(mask_inputs),
+      *seg_specs,
+      pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+      pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, n // G, 0)),
+      pl.BlockSpec((None, Sp, None, Hv), lambda b, n, i: (b, 0, n // G, 0)),
+      pl.BlockSpec((None, bq, None, Hv), lambda b, n, i: (b, i, n, 0)),
+      pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+      pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+    ],
+    out_specs=pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    interpret=cfg.interpret,
+    name="block_sparse_dq",
+    **_params(cfg, cfg.interpret),
+  )(*kv_tables, *mask_inputs, *seg_args, q, k, v, do, lse, delta)
 
   seg_specs = []
   if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
-                 pl.BlockSpec((None, bk), lambda b, h, j: (b, j))]
+    seg_specs = [
+      pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
+      pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
+    ]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg, heads_map=heads_map, group=G),
-      grid=(B, K, Sp // bk),
-      in_specs=[
-          *_table_specs(q_tables), *seg_specs,
-          pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, bk, None, H), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, bk, None, Hv), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, Tp, G, Hv), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-          pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-      ],
-      out_specs=[pl.BlockSpec((None, bk, None, H), lambda b, h, j: (b, j, h, 0)),
-                 pl.BlockSpec((None, bk, None, Hv), lambda b, h, j: (b, j, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=cfg.interpret, name="block_sparse_dkdv", **_params(cfg, cfg.interpret),
-  )(*q_tables, *seg_args, q, k, v, do, lse, delta)
+    functools.partial(_dkdv_kernel, cfg=cfg, heads_map=heads_map, group=G),
+    grid=(B, K, Sp // bk),
+    in_specs=[
+      *_table_specs(q_tables),
+      *_whole_specs(mask_inputs),
+      *seg_specs,
+      pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
+      pl.BlockSpec((None, bk, None, H), lambda b, h, j: (b, j, h, 0)),
+      pl.BlockSpec((None, bk, None, Hv), lambda b, h, j: (b, j, h, 0)),
+      pl.BlockSpec((None, Tp, G, Hv), lambda b, h, j: (b, 0, h, 0)),
+      pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+      pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, bk, None, H), lambda b, h, j: (b, j, h, 0)),
+      pl.BlockSpec((None, bk, None, Hv), lambda b, h, j: (b, j, h, 0)),
+    ],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    interpret=cfg.interpret,
+    name="block_sparse_dkdv",
+    **_params(cfg, cfg.interpret),
+  )(*q_tables, *mask_inputs, *seg_args, q, k, v, do, lse, delta)
   return dq, dk, dv

@@ -11,6 +11,17 @@ DMA) and are skipped with `pl.when`.
 - dK/dV: grid (B, K, Kb, G, Mq); the last two axes walk the G query heads of kv head kh
   and the active q tiles of kv tile j (from the transposed tables).
 
+Mask tables (`mask_tables=`): Mosaic lowers neither a gather of a loaded vector nor a
+load at vector indices ("Only take_along_axis-like gathers supported", "Cannot do int
+indexing on TPU"), so the predicate is not evaluated in the kernel. Instead
+`mask_fn(tables, q_pos, k_pos)` runs in XLA, before the kernels, on the PARTIAL tiles only:
+`keep` int32[P, bq, bk] holds one tile per distinct PARTIAL (q-tile, kv-tile) of the map
+(all Qb * Kb tiles when the map is traced), and a fourth prefetched table gives each grid
+step its slot, so the pipeline DMAs the keep tile beside the K/V tile. Steps on FULL tiles
+repeat a neighbouring slot (no new DMA). Memory: P * bq * bk * 4 bytes, e.g. 256 tiles
+(the diagonal of a causal packed-document mask at T = 32k, 128-tiles) = 16 MiB; int32
+because Mosaic's native layouts are 32-bit.
+
 Tile math (masking, online softmax, backward tile) is shared with the GPU lowering
 (`kernel_gpu`). Inputs are transposed to head-major [B, heads, seq, dim] so each block is a
 lane-dense [tile, dim] slab; row statistics (lse, delta) travel as [..., seq, 1].
@@ -22,16 +33,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels import compat
 from pallas_kernels.block_sparse.kernel_gpu import (
-    KernelConfig,
-    backward_tile,
-    finalize,
-    masked_logits,
-    online_softmax_step,
-    tile_logits,
+  KernelConfig,
+  backward_tile,
+  finalize,
+  masked_logits,
+  online_softmax_step,
+  tile_logits,
 )
 from pallas_kernels.compat import pl, pltpu
 
@@ -54,14 +66,101 @@ def _head_major(x):
   return jnp.swapaxes(x, 1, 2)
 
 
+# ------------------------------------------------------------------ mask tables -> keep tiles
+
+
+def prepare_tables(mask_tables, block_map, cfg: KernelConfig):
+  """Host side: which tiles get a keep tile, and the slot of every table entry.
+
+  Returns (mask_tables, tiles int32[P, 2] of (q-tile, kv-tile), kv_slots [Bm, Nm, Qb, Mk],
+  q_slots [Bm, Nm, Kb, Mq]); `keep_tiles` evaluates the predicate inside the jitted call.
+  """
+  del cfg
+  qb, kb = block_map.num_q_blocks, block_map.num_kv_blocks
+  kv = (block_map.kv_indices, block_map.kv_counts, block_map.kv_partial)
+  qt = (block_map.q_indices, block_map.q_counts, block_map.q_partial)
+  try:
+    kv, qt = jax.tree.map(np.asarray, (kv, qt))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    xp = jnp  # a traced map: any tile may be PARTIAL, so every tile gets a keep tile
+    tile_ids = slot_of = jnp.arange(qb * kb, dtype=jnp.int32)
+  else:
+    xp = np
+    tile_ids = np.unique(_tile_ids(kv[0], kb, q_rows=True)[_active(*kv, np)]).astype(np.int32)
+    tile_ids = tile_ids if tile_ids.size else np.zeros(1, np.int32)
+    slot_of = np.zeros(qb * kb, np.int32)
+    slot_of[tile_ids] = np.arange(tile_ids.size, dtype=np.int32)
+  tiles = xp.stack([tile_ids // kb, tile_ids % kb], axis=-1).astype(np.int32)
+  return (
+    tuple(mask_tables),
+    tiles,
+    _slots(*kv, slot_of, kb, True, xp),
+    _slots(*qt, slot_of, kb, False, xp),
+  )
+
+
+def keep_tiles(mask_fn, tables, tiles, cfg: KernelConfig):
+  """int32[P, bq, bk]: `mask_fn(tables, q_pos, k_pos)` on the listed tiles."""
+  bq, bk = cfg.block_q, cfg.block_k
+  q_pos = tiles[:, 0, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None]
+  k_pos = tiles[:, 1, None, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, None, :]
+  keep = mask_fn(tables, q_pos, k_pos)
+  return jnp.broadcast_to(keep, (tiles.shape[0], bq, bk)).astype(jnp.int32)
+
+
+def _active(indices, counts, partial, xp):
+  """bool[Bm, Nm, rows, W]: the entry is listed (t < count) and PARTIAL."""
+  width = indices.shape[-1]
+  return (xp.arange(width)[None, None, None, :] < counts[..., None]) & (partial != 0)
+
+
+def _tile_ids(indices, kb, *, q_rows):
+  """Row-major tile id (i * Kb + j) of every entry of a [Bm, Nm, rows, W] index table;
+  `q_rows`: the rows are q tiles (kv tables) rather than kv tiles (transposed tables)."""
+  row = np.arange(indices.shape[2], dtype=np.int32)[None, None, :, None]
+  return row * kb + indices if q_rows else indices * kb + row
+
+
+def _slots(indices, counts, partial, slot_of, kb, q_rows, xp):
+  """Keep-tile slot of every table entry: its own on PARTIAL entries, else a neighbour's.
+
+  Along a table row the tile ids, hence the slots, ascend: a running max carries the last
+  PARTIAL slot over FULL and padding entries, a reversed running min fills the entries
+  before the row's first PARTIAL one, so consecutive grid steps rarely change keep tile.
+  """
+  slot = slot_of[_tile_ids(indices, kb, q_rows=q_rows)]
+  active = _active(indices, counts, partial, xp)
+  big = np.iinfo(np.int32).max
+  cummax = (
+    (lambda x: np.maximum.accumulate(x, axis=-1))
+    if xp is np
+    else (lambda x: lax.cummax(x, axis=x.ndim - 1))
+  )
+  after = cummax(xp.where(active, slot, -1))
+  before = -cummax(xp.where(active, -slot, -big)[..., ::-1])[..., ::-1]
+  return xp.where(after >= 0, after, xp.where(before < big, before, 0)).astype(np.int32)
+
+
 # ------------------------------------------------------------------ forward / dQ
 
 
-def _fwd_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
+def _split_refs(refs, cfg: KernelConfig):
+  """(keep_fn, (seg_q_ref, seg_k_ref) or None, remaining refs) of a kernel.
+
+  With mask tables the refs start with the prefetched slots and the keep tile of the step.
+  """
+  keep_fn = cfg.mask_fn
+  if cfg.table_dtypes:
+    _, keep_ref, *refs = refs
+    keep_fn = lambda q_pos, k_pos: keep_ref[...] != 0
   if cfg.has_segments:
-    seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s, l_s, acc_s = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref, lse_ref, m_s, l_s, acc_s = refs
+    return keep_fn, refs[:2], refs[2:]
+  return keep_fn, None, refs
+
+
+def _fwd_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
+  keep_fn, seg_refs, rest = _split_refs(refs, cfg)
+  q_ref, k_ref, v_ref, o_ref, lse_ref, m_s, l_s, acc_s = rest
   b, n, i, t = (pl.program_id(a) for a in range(4))
   row = _row(dims, b, n, i)
   slot = row * dims[3] + t
@@ -76,8 +175,8 @@ def _fwd_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
   def _step():
     start = idx_ref[slot] * cfg.block_k
     s, _ = tile_logits(q_ref[...], k_ref[...], cfg)
-    seg_q, seg_k = (seg_q_ref[...], seg_k_ref[...]) if cfg.has_segments else (None, None)
-    s = masked_logits(s, i * cfg.block_q, start, part_ref[slot], seg_q, seg_k, cfg)
+    seg_q, seg_k = (seg_refs[0][...], seg_refs[1][...]) if seg_refs else (None, None)
+    s = masked_logits(s, i * cfg.block_q, start, part_ref[slot], seg_q, seg_k, cfg, keep_fn)
     m, denom, acc = online_softmax_step(s, v_ref[...], m_s[...], l_s[...], acc_s[...])
     m_s[...], l_s[...], acc_s[...] = m, denom, acc
 
@@ -89,10 +188,8 @@ def _fwd_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
 
 
 def _dq_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
-  if cfg.has_segments:
-    seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_s = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_s = refs
+  keep_fn, seg_refs, rest = _split_refs(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_s = rest
   b, n, i, t = (pl.program_id(a) for a in range(4))
   row = _row(dims, b, n, i)
   slot = row * dims[3] + t
@@ -104,10 +201,22 @@ def _dq_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
   @pl.when(t < cnt_ref[row])
   def _step():
     k = k_ref[...]
-    seg_q, seg_k = (seg_q_ref[...], seg_k_ref[...]) if cfg.has_segments else (None, None)
-    ds, _ = backward_tile(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                          i * cfg.block_q, idx_ref[slot] * cfg.block_k, part_ref[slot],
-                          seg_q, seg_k, cfg)
+    seg_q, seg_k = (seg_refs[0][...], seg_refs[1][...]) if seg_refs else (None, None)
+    ds, _ = backward_tile(
+      q_ref[...],
+      k,
+      v_ref[...],
+      do_ref[...],
+      lse_ref[...],
+      delta_ref[...],
+      i * cfg.block_q,
+      idx_ref[slot] * cfg.block_k,
+      part_ref[slot],
+      seg_q,
+      seg_k,
+      cfg,
+      keep_fn,
+    )
     dq_s[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
 
   @pl.when(t == pl.num_programs(3) - 1)
@@ -116,11 +225,8 @@ def _dq_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
 
 
 def _dkdv_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims, group: int):
-  if cfg.has_segments:
-    (seg_q_ref, seg_k_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-     dk_s, dv_s) = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_s, dv_s = refs
+  keep_fn, seg_refs, rest = _split_refs(refs, cfg)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_s, dv_s = rest
   b, kh, j, g, t = (pl.program_id(a) for a in range(5))
   row = _row(dims, b, kh * group + g, j)
   slot = row * dims[3] + t
@@ -133,10 +239,22 @@ def _dkdv_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims, gro
   @pl.when(t < cnt_ref[row])
   def _step():
     q, do = q_ref[...], do_ref[...]
-    seg_q, seg_k = (seg_q_ref[...], seg_k_ref[...]) if cfg.has_segments else (None, None)
-    ds, p = backward_tile(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...],
-                          idx_ref[slot] * cfg.block_q, j * cfg.block_k, part_ref[slot],
-                          seg_q, seg_k, cfg)
+    seg_q, seg_k = (seg_refs[0][...], seg_refs[1][...]) if seg_refs else (None, None)
+    ds, p = backward_tile(
+      q,
+      k_ref[...],
+      v_ref[...],
+      do,
+      lse_ref[...],
+      delta_ref[...],
+      idx_ref[slot] * cfg.block_q,
+      j * cfg.block_k,
+      part_ref[slot],
+      seg_q,
+      seg_k,
+      cfg,
+      keep_fn,
+    )
     dv_s[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=_F32)
     dk_s[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32)
 
@@ -153,24 +271,27 @@ def _q_side_specs(cfg: KernelConfig, H, Hv, G, dims):
   """Specs of the forward/dQ grid (b, n, i, t, *tables)."""
   bq, bk = cfg.block_q, cfg.block_k
 
-  def kv_block(b, n, i, t, idx, cnt, part):
+  def kv_block(b, n, i, t, idx, *_):
     # lax.div, not //: jnp's floor division emits `sign`, which needs a TPU device to lower.
     return (b, lax.div(n, G), idx[_row(dims, b, n, i) * dims[3] + t], 0)
 
-  def seg_k_block(b, n, i, t, idx, cnt, part):
+  def seg_k_block(b, n, i, t, idx, *_):
     return (b, 0, idx[_row(dims, b, n, i) * dims[3] + t])
 
   q_block = lambda b, n, i, t, *_: (b, n, i, 0)
   seg = []
   if cfg.has_segments:
-    seg = [pl.BlockSpec((None, bq, 1), lambda b, n, i, t, *_: (b, i, 0)),
-           pl.BlockSpec((None, 1, bk), seg_k_block)]
+    seg = [
+      pl.BlockSpec((None, bq, 1), lambda b, n, i, t, *_: (b, i, 0)),
+      pl.BlockSpec((None, 1, bk), seg_k_block),
+    ]
   return seg, dict(
-      q=pl.BlockSpec((None, None, bq, H), q_block),
-      k=pl.BlockSpec((None, None, bk, H), kv_block),
-      v=pl.BlockSpec((None, None, bk, Hv), kv_block),
-      o=pl.BlockSpec((None, None, bq, Hv), q_block),
-      stat=pl.BlockSpec((None, None, bq, 1), q_block))
+    q=pl.BlockSpec((None, None, bq, H), q_block),
+    k=pl.BlockSpec((None, None, bk, H), kv_block),
+    v=pl.BlockSpec((None, None, bk, Hv), kv_block),
+    o=pl.BlockSpec((None, None, bq, Hv), q_block),
+    stat=pl.BlockSpec((None, None, bq, 1), q_block),
+  )
 
 
 def _segments(segments):
@@ -178,31 +299,80 @@ def _segments(segments):
   return [q_ids[:, :, None], kv_ids[:, None, :]]
 
 
-def forward(q, k, v, kv_tables, segments, cfg: KernelConfig):
+def _keep_operands(keep, mask_inputs, walks: str, cfg: KernelConfig, entry):
+  """(prefetch tables, in_specs, args) that give each grid step its keep tile, if any.
+
+  `walks` is "kv" (forward, dQ) or "q" (dK/dV): the tables the grid follows;
+  `entry(*grid_indices)` is the flat table entry of a grid step.
+  """
+  if keep is None:
+    return [], [], []
+  slots = mask_inputs[2] if walks == "kv" else mask_inputs[3]
+
+  def keep_block(*indices):
+    *grid, slots_ref = indices
+    return (slots_ref[entry(*grid[:-3])], 0, 0)
+
+  spec = pl.BlockSpec((None, cfg.block_q, cfg.block_k), keep_block)
+  return [slots.reshape(-1)], [spec], [keep]
+
+
+def _keep(mask_inputs, cfg: KernelConfig):
+  if not cfg.table_dtypes:
+    return None
+  tables, tiles, _, _ = mask_inputs
+  return keep_tiles(cfg.mask_fn, tables, tiles, cfg)
+
+
+def forward(q, k, v, kv_tables, segments, mask_inputs, cfg: KernelConfig):
   """Same contract as `kernel_gpu.forward`: [B, Tp, N, H] -> ([B, Tp, N, Hv], lse [B, N, Tp])."""
   B, Tp, N, H = q.shape
   _, Sp, K, Hv = v.shape
   tables, dims = _flat_tables(kv_tables)
   seg, spec = _q_side_specs(cfg, H, Hv, N // K, dims)
+  keep_tables, keep_specs, keep_args = _keep_operands(
+    _keep(mask_inputs, cfg),
+    mask_inputs,
+    "kv",
+    cfg,
+    lambda b, n, i, t: _row(dims, b, n, i) * dims[3] + t,
+  )
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=3, grid=(B, N, Tp // cfg.block_q, dims[3]),
-      in_specs=[*seg, spec["q"], spec["k"], spec["v"]],
-      out_specs=[spec["o"], spec["stat"]],
-      scratch_shapes=[pltpu.VMEM((cfg.block_q, 1), _F32), pltpu.VMEM((cfg.block_q, 1), _F32),
-                      pltpu.VMEM((cfg.block_q, Hv), _F32)])
+    num_scalar_prefetch=3 + len(keep_tables),
+    grid=(B, N, Tp // cfg.block_q, dims[3]),
+    in_specs=[*keep_specs, *seg, spec["q"], spec["k"], spec["v"]],
+    out_specs=[spec["o"], spec["stat"]],
+    scratch_shapes=[
+      pltpu.VMEM((cfg.block_q, 1), _F32),
+      pltpu.VMEM((cfg.block_q, 1), _F32),
+      pltpu.VMEM((cfg.block_q, Hv), _F32),
+    ],
+  )
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg, dims=dims), grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((B, N, Tp, Hv), q.dtype),
-                 jax.ShapeDtypeStruct((B, N, Tp, 1), _F32)],
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=cfg.interpret, name="block_sparse_fwd",
-  )(*tables, *(_segments(segments) if cfg.has_segments else []),
-    _head_major(q), _head_major(k), _head_major(v))
+    functools.partial(_fwd_kernel, cfg=cfg, dims=dims),
+    grid_spec=grid_spec,
+    out_shape=[
+      jax.ShapeDtypeStruct((B, N, Tp, Hv), q.dtype),
+      jax.ShapeDtypeStruct((B, N, Tp, 1), _F32),
+    ],
+    compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+    interpret=cfg.interpret,
+    name="block_sparse_fwd",
+  )(
+    *tables,
+    *keep_tables,
+    *keep_args,
+    *(_segments(segments) if cfg.has_segments else []),
+    _head_major(q),
+    _head_major(k),
+    _head_major(v),
+  )
   return _head_major(out), lse[..., 0]
 
 
-def backward(q, k, v, do, lse, delta, kv_tables, q_tables, segments, cfg: KernelConfig):
+def backward(
+  q, k, v, do, lse, delta, kv_tables, q_tables, segments, mask_inputs, cfg: KernelConfig
+):
   """Same contract as `kernel_gpu.backward`."""
   B, Tp, N, H = q.shape
   _, Sp, K, Hv = v.shape
@@ -210,52 +380,82 @@ def backward(q, k, v, do, lse, delta, kv_tables, q_tables, segments, cfg: Kernel
   seg_args = _segments(segments) if cfg.has_segments else []
   qh, kh, vh, doh = (_head_major(x) for x in (q, k, v, do))
   lse, delta = lse[..., None], delta[..., None]
+  keep = _keep(mask_inputs, cfg)
 
   tables, dims = _flat_tables(kv_tables)
   seg, spec = _q_side_specs(cfg, H, Hv, G, dims)
+  keep_tables, keep_specs, keep_args = _keep_operands(
+    keep, mask_inputs, "kv", cfg, lambda b, n, i, t: _row(dims, b, n, i) * dims[3] + t
+  )
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, dims=dims),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(B, N, Tp // bq, dims[3]),
-          in_specs=[*seg, spec["q"], spec["k"], spec["v"], spec["o"], spec["stat"],
-                    spec["stat"]],
-          out_specs=spec["q"], scratch_shapes=[pltpu.VMEM((bq, H), _F32)]),
-      out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=cfg.interpret, name="block_sparse_dq",
-  )(*tables, *seg_args, qh, kh, vh, doh, lse, delta)
+    functools.partial(_dq_kernel, cfg=cfg, dims=dims),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3 + len(keep_tables),
+      grid=(B, N, Tp // bq, dims[3]),
+      in_specs=[
+        *keep_specs,
+        *seg,
+        spec["q"],
+        spec["k"],
+        spec["v"],
+        spec["o"],
+        spec["stat"],
+        spec["stat"],
+      ],
+      out_specs=spec["q"],
+      scratch_shapes=[pltpu.VMEM((bq, H), _F32)],
+    ),
+    out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+    compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+    interpret=cfg.interpret,
+    name="block_sparse_dq",
+  )(*tables, *keep_tables, *keep_args, *seg_args, qh, kh, vh, doh, lse, delta)
 
   tables, dims = _flat_tables(q_tables)
+  keep_tables, keep_specs, keep_args = _keep_operands(
+    keep, mask_inputs, "q", cfg, lambda b, h, j, g, t: _row(dims, b, h * G + g, j) * dims[3] + t
+  )
 
-  def q_block(b, h, j, g, t, idx, cnt, part):
+  def q_block(b, h, j, g, t, idx, *_):
     n = h * G + g
     return (b, n, idx[_row(dims, b, n, j) * dims[3] + t], 0)
 
-  def seg_q_block(b, h, j, g, t, idx, cnt, part):
+  def seg_q_block(b, h, j, g, t, idx, *_):
     return (b, idx[_row(dims, b, h * G + g, j) * dims[3] + t], 0)
 
   kv_block = lambda b, h, j, g, t, *_: (b, h, j, 0)
   seg = []
   if cfg.has_segments:
-    seg = [pl.BlockSpec((None, bq, 1), seg_q_block),
-           pl.BlockSpec((None, 1, bk), lambda b, h, j, g, t, *_: (b, 0, j))]
+    seg = [
+      pl.BlockSpec((None, bq, 1), seg_q_block),
+      pl.BlockSpec((None, 1, bk), lambda b, h, j, g, t, *_: (b, 0, j)),
+    ]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg, dims=dims, group=G),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(B, K, Sp // bk, G, dims[3]),
-          in_specs=[*seg, pl.BlockSpec((None, None, bq, H), q_block),
-                    pl.BlockSpec((None, None, bk, H), kv_block),
-                    pl.BlockSpec((None, None, bk, Hv), kv_block),
-                    pl.BlockSpec((None, None, bq, Hv), q_block),
-                    pl.BlockSpec((None, None, bq, 1), q_block),
-                    pl.BlockSpec((None, None, bq, 1), q_block)],
-          out_specs=[pl.BlockSpec((None, None, bk, H), kv_block),
-                     pl.BlockSpec((None, None, bk, Hv), kv_block)],
-          scratch_shapes=[pltpu.VMEM((bk, H), _F32), pltpu.VMEM((bk, Hv), _F32)]),
-      out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
-      compiler_params=compat.tpu_compiler_params(
-          ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-      interpret=cfg.interpret, name="block_sparse_dkdv",
-  )(*tables, *seg_args, qh, kh, vh, doh, lse, delta)
+    functools.partial(_dkdv_kernel, cfg=cfg, dims=dims, group=G),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3 + len(keep_tables),
+      grid=(B, K, Sp // bk, G, dims[3]),
+      in_specs=[
+        *keep_specs,
+        *seg,
+        pl.BlockSpec((None, None, bq, H), q_block),
+        pl.BlockSpec((None, None, bk, H), kv_block),
+        pl.BlockSpec((None, None, bk, Hv), kv_block),
+        pl.BlockSpec((None, None, bq, Hv), q_block),
+        pl.BlockSpec((None, None, bq, 1), q_block),
+        pl.BlockSpec((None, None, bq, 1), q_block),
+      ],
+      out_specs=[
+        pl.BlockSpec((None, None, bk, H), kv_block),
+        pl.BlockSpec((None, None, bk, Hv), kv_block),
+      ],
+      scratch_shapes=[pltpu.VMEM((bk, H), _F32), pltpu.VMEM((bk, Hv), _F32)],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+    compiler_params=compat.tpu_compiler_params(
+      ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+    ),
+    interpret=cfg.interpret,
+    name="block_sparse_dkdv",
+  )(*tables, *keep_tables, *keep_args, *seg_args, qh, kh, vh, doh, lse, delta)
   return _head_major(dq), _head_major(dk), _head_major(dv)

@@ -15,6 +15,12 @@ Differences from the papers:
 - The element predicate `mask_fn` runs only on PARTIAL tiles; FULL tiles skip it. Keys past
   S (ragged last tile) and unequal segment ids are dropped on every tile.
 - A query with no kept key returns zeros (not NaN) and zero gradients.
+- Masks that read arrays (segment ids of packed documents, a dense keep array, a random
+  block pattern) pass them as `mask_tables`, kernel inputs rather than captured constants
+  (Pallas cannot capture array constants). The GPU kernel evaluates
+  `mask_fn(tables, q_pos, k_pos)` in the kernel, gathering from the tables by position; the
+  TPU kernel, as Mosaic cannot gather, gets the predicate's values on the PARTIAL tiles,
+  computed by XLA before the kernels (`kernel_tpu` docstring).
 Choices where the spec was silent: q/k/v are padded to tile multiples here (zeros), and
 the padding is sliced off; `scale` defaults to H**-0.5; the soft cap is applied after the
 scale (as in Gemma 2).
@@ -22,7 +28,9 @@ scale (as in Gemma 2).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,24 +39,25 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse import kernel_gpu, kernel_tpu
 from pallas_kernels.block_sparse.block_map import BlockMap, BlockSizes, num_blocks
-from pallas_kernels.block_sparse.kernel_gpu import KernelConfig
+from pallas_kernels.block_sparse.kernel_gpu import KernelConfig, table_xp
 
 _BACKENDS = {"gpu": kernel_gpu, "tpu": kernel_tpu}
 
 
 def block_sparse_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    block_map: BlockMap,
-    *,
-    mask_fn=None,
-    scale: float | None = None,
-    segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-    backend: str | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  block_map: BlockMap,
+  *,
+  mask_fn=None,
+  mask_tables: tuple[jax.Array, ...] = (),
+  scale: float | None = None,
+  segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
+  logits_soft_cap: float | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  backend: str | None = None,
 ) -> Float[Array, "B T N Hv"]:
   """Flash attention over the tiles of `block_map` (see the module docstring for the math).
 
@@ -59,6 +68,15 @@ def block_sparse_attention(
       `block_sizes`, its groups [Bm, Nm] with Bm in {1, B} and Nm in {1, N}. May be traced.
     mask_fn: traceable `(q_pos, k_pos) -> bool` over broadcasting absolute int32 positions
       (True = keep), evaluated on PARTIAL tiles; e.g. `attnzoo.masks.Causal().predicate`.
+      With `mask_tables`: `(tables, q_pos, k_pos) -> bool`. It must not close over arrays
+      (NotImplementedError): pass them as tables.
+    mask_tables: arrays (ndim >= 1, any shape) that `mask_fn` reads by position, e.g.
+      `mask.tables()` of an attnzoo mask. On GPU they arrive as `kernel_gpu.TableView`s,
+      indexable by integer arrays (`table[rows, cols]`, a gather; clip the indices) but not
+      convertible to arrays; a predicate that calls `xp.asarray(table)` takes
+      `xp=table_xp`. For an attnzoo mask pass `mask_fn=MaskPredicate(mask)`, which does
+      that and is equal across calls for equal masks: an equal `mask_fn` (and shapes) lets
+      repeated eager calls reuse the compiled kernels.
     scale: logit scale, default H**-0.5.
     segment_ids: int [B, T] (self-attention, T == S) or (q_ids [B, T], kv_ids [B, S]);
       a query keeps only keys with an equal id.
@@ -76,7 +94,7 @@ def block_sparse_attention(
   block_sizes = _check_block_sizes(block_map, block_sizes, T, S)
   block_map.broadcast_to_groups(B, N)
   backend = _pick_backend(backend, interpret)
-  mask_fn = _check_mask_fn(mask_fn, block_map)
+  mask_fn, mask_tables = _check_mask_fn(mask_fn, mask_tables, block_map)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
     raise ValueError(f"logits_soft_cap={logits_soft_cap} must be a positive float or None")
   segments = _check_segments(segment_ids, B, T, S)
@@ -85,45 +103,94 @@ def block_sparse_attention(
 
   bq, bk = block_sizes.block_q, block_sizes.block_k
   cfg = KernelConfig(
-      mask_fn=mask_fn, scale=float(H**-0.5 if scale is None else scale),
-      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      block_q=bq, block_k=bk, seq_q=T, seq_k=S, has_segments=segments is not None,
-      interpret=bool(interpret), num_warps=block_sizes.num_warps,
-      num_stages=block_sizes.num_stages)
-  Tp, Sp = num_blocks(T, bq) * bq, num_blocks(S, bk) * bk
+    mask_fn=mask_fn,
+    scale=float(H**-0.5 if scale is None else scale),
+    soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+    block_q=bq,
+    block_k=bk,
+    seq_q=T,
+    seq_k=S,
+    has_segments=segments is not None,
+    interpret=bool(interpret),
+    num_warps=block_sizes.num_warps,
+    num_stages=block_sizes.num_stages,
+    table_dtypes=tuple(t.dtype.name for t in mask_tables),
+  )
+  kv_tables = (block_map.kv_indices, block_map.kv_counts, block_map.kv_partial)
+  q_tables = (block_map.q_indices, block_map.q_counts, block_map.q_partial)
+  # Host-side (concrete-map) preparation happens here, outside the jitted call.
+  mask_inputs = (
+    _BACKENDS[backend].prepare_tables(mask_tables, block_map, cfg) if mask_tables else ()
+  )
+  return _padded_attention(
+    q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg=cfg, backend=backend
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPredicate:
+  """`mask_fn` of a mask object with `tables()` and `predicate_with(tables, q, k, xp)`.
+
+  Called as `(q_pos, k_pos)` when the mask has no tables, `(tables, q_pos, k_pos)` when it
+  has (pass `mask_tables=mask.tables()`); evaluates with `xp=table_xp`. Equal for equal
+  masks, so repeated calls with a rebuilt mask reuse the compiled kernels.
+  """
+
+  mask: Any
+
+  def __call__(self, *args):
+    tables, q_pos, k_pos = args if len(args) == 3 else ((), *args)
+    return self.mask.predicate_with(tables, q_pos, k_pos, table_xp)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def _padded_attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, *, cfg, backend):
+  """Pads to whole tiles, runs the kernels, slices. Jitted: an eager call with an equal
+  `cfg` (and input shapes) reuses the compiled kernels instead of re-tracing them."""
+  T, S = q.shape[1], k.shape[1]
+  Tp, Sp = num_blocks(T, cfg.block_q) * cfg.block_q, num_blocks(S, cfg.block_k) * cfg.block_k
   pad = lambda x, n, to: jnp.pad(x, [(0, to - n) if a == 1 else (0, 0) for a in range(x.ndim)])
   if segments is not None:
     segments = (pad(segments[0], T, Tp), pad(segments[1], S, Sp))
-  kv_tables = tuple(jnp.asarray(a, jnp.int32) for a in (
-      block_map.kv_indices, block_map.kv_counts, block_map.kv_partial))
-  q_tables = tuple(jnp.asarray(a, jnp.int32) for a in (
-      block_map.q_indices, block_map.q_counts, block_map.q_partial))
-  out = _attention(pad(q, T, Tp), pad(k, S, Sp), pad(v, S, Sp), kv_tables, q_tables, segments,
-                   cfg, backend)
+  kv_tables, q_tables = (
+    tuple(jnp.asarray(a, jnp.int32) for a in tables) for tables in (kv_tables, q_tables)
+  )
+  out = _attention(
+    pad(q, T, Tp),
+    pad(k, S, Sp),
+    pad(v, S, Sp),
+    kv_tables,
+    q_tables,
+    segments,
+    mask_inputs,
+    cfg,
+    backend,
+  )
   return out[:, :T]
 
 
 # ------------------------------------------------------------------ custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, kv_tables, q_tables, segments, cfg, backend):
-  out, _ = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
+  out, _ = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
   return out
 
 
-def _attention_fwd(q, k, v, kv_tables, q_tables, segments, cfg, backend):
-  out, lse = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, cfg)
-  return out, (q, k, v, out, lse, kv_tables, q_tables, segments)
+def _attention_fwd(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
+  out, lse = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
+  return out, (q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs)
 
 
 def _attention_bwd(cfg, backend, residuals, d_out):
-  q, k, v, out, lse, kv_tables, q_tables, segments = residuals
+  q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs = residuals
   # D = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4), [B, N, Tp] like lse.
   delta = jnp.einsum("btnv,btnv->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   dq, dk, dv = _BACKENDS[backend].backward(
-      q, k, v, d_out, lse, delta, kv_tables, q_tables, segments, cfg)
-  return dq, dk, dv, None, None, None
+    q, k, v, d_out, lse, delta, kv_tables, q_tables, segments, mask_inputs, cfg
+  )
+  return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -135,8 +202,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _check_inputs(q, k, v):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be 4-D [B, T|S, heads, dim], got shape "
-                       f"{getattr(x, 'shape', None)}")
+      raise ValueError(
+        f"{name} must be 4-D [B, T|S, heads, dim], got shape {getattr(x, 'shape', None)}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name}.dtype={x.dtype} must be floating")
   if not q.dtype == k.dtype == v.dtype:
@@ -144,8 +212,10 @@ def _check_inputs(q, k, v):
   B, T, N, H = q.shape
   Bk, S, K, Hk = k.shape
   if (Bk, Hk) != (B, H) or v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not match "
-                     "q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]")
+    raise ValueError(
+      f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not match "
+      "q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]"
+    )
   if N % K:
     raise ValueError(f"N={N} query heads is not divisible by K={K} kv heads")
   return B, T, N, H
@@ -155,14 +225,18 @@ def _check_block_sizes(block_map, block_sizes, T, S):
   if not isinstance(block_map, BlockMap):
     raise TypeError(f"block_map must be a BlockMap, got {type(block_map).__name__}")
   if (block_map.seq_q, block_map.seq_k) != (T, S):
-    raise ValueError(f"block_map was built for seq_q={block_map.seq_q}, seq_k={block_map.seq_k} "
-                     f"but the inputs have T={T}, S={S}: rebuild it for these lengths")
+    raise ValueError(
+      f"block_map was built for seq_q={block_map.seq_q}, seq_k={block_map.seq_k} "
+      f"but the inputs have T={T}, S={S}: rebuild it for these lengths"
+    )
   if block_sizes is None:
     return BlockSizes(block_q=block_map.block_q, block_k=block_map.block_k)
   if (block_sizes.block_q, block_sizes.block_k) != (block_map.block_q, block_map.block_k):
-    raise ValueError(f"block_sizes ({block_sizes.block_q}, {block_sizes.block_k}) differ from the "
-                     f"block_map tiles ({block_map.block_q}, {block_map.block_k}): build the map "
-                     "with the kernel's tile sizes")
+    raise ValueError(
+      f"block_sizes ({block_sizes.block_q}, {block_sizes.block_k}) differ from the "
+      f"block_map tiles ({block_map.block_q}, {block_map.block_k}): build the map "
+      "with the kernel's tile sizes"
+    )
   return block_sizes
 
 
@@ -171,13 +245,17 @@ def _check_segments(segment_ids, B, T, S):
     return None
   if isinstance(segment_ids, tuple):
     if len(segment_ids) != 2:
-      raise ValueError(f"segment_ids is a tuple of {len(segment_ids)}; pass an array [B, T] or a "
-                       "pair (q_ids [B, T], kv_ids [B, S])")
+      raise ValueError(
+        f"segment_ids is a tuple of {len(segment_ids)}; pass an array [B, T] or a "
+        "pair (q_ids [B, T], kv_ids [B, S])"
+      )
     q_ids, kv_ids = segment_ids
   else:
     if T != S:
-      raise ValueError(f"a single segment_ids array needs T == S (got T={T}, S={S}); pass "
-                       "(q_ids [B, T], kv_ids [B, S])")
+      raise ValueError(
+        f"a single segment_ids array needs T == S (got T={T}, S={S}); pass "
+        "(q_ids [B, T], kv_ids [B, S])"
+      )
     q_ids = kv_ids = segment_ids
   for name, ids, n in (("q segment ids", q_ids, T), ("kv segment ids", kv_ids, S)):
     if ids.shape != (B, n):
@@ -187,39 +265,70 @@ def _check_segments(segment_ids, B, T, S):
   return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
 
 
-def _check_mask_fn(mask_fn, block_map):
-  """Drops a predicate no tile needs; rejects one that closes over arrays."""
+def _check_mask_fn(mask_fn, mask_tables, block_map):
+  """Drops a predicate no tile needs (and its tables); rejects one that closes over arrays.
+
+  Returns (mask_fn, mask_tables as a tuple of jax arrays).
+  """
+  if not isinstance(mask_tables, (tuple, list)):
+    raise TypeError(f"mask_tables must be a tuple of arrays, got {type(mask_tables).__name__}")
+  if mask_tables and mask_fn is None:
+    raise ValueError(
+      f"mask_tables ({len(mask_tables)} arrays) were given without a mask_fn "
+      "to read them; pass mask_fn=(tables, q_pos, k_pos) -> bool"
+    )
   if mask_fn is None:
-    return None
+    return None, ()
   if not callable(mask_fn):
-    raise TypeError(f"mask_fn={mask_fn!r} must be a callable (q_pos, k_pos) -> bool")
+    raise TypeError(
+      f"mask_fn={mask_fn!r} must be a callable (q_pos, k_pos) -> bool, or "
+      "(tables, q_pos, k_pos) -> bool with mask_tables"
+    )
+  tables = []
+  for i, table in enumerate(mask_tables):
+    if np.ndim(table) < 1 or not hasattr(table, "dtype"):
+      raise ValueError(
+        f"mask_tables[{i}]={table!r} must be an array with ndim >= 1 "
+        "(reshape a scalar to shape (1,))"
+      )
+    tables.append(jnp.asarray(table))
   try:  # a concrete map without PARTIAL tiles never evaluates the predicate
     if not (np.any(np.asarray(block_map.kv_partial)) or np.any(np.asarray(block_map.q_partial))):
-      return None
+      return None, ()
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     pass
   pos = jax.ShapeDtypeStruct((), jnp.int32)
-  consts = jax.make_jaxpr(mask_fn)(pos, pos).consts
+  if tables:
+    structs = tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables)
+    consts = jax.make_jaxpr(lambda t, q, k: mask_fn(t, q, k))(structs, pos, pos).consts
+  else:
+    consts = jax.make_jaxpr(mask_fn)(pos, pos).consts
   if any(np.ndim(c) > 0 for c in consts):
     name = getattr(mask_fn, "__qualname__", type(mask_fn).__name__)
     raise NotImplementedError(
-        f"mask_fn {name} closes over arrays of shapes {[np.shape(c) for c in consts]}; a "
-        "Pallas kernel cannot capture them. Pass segment ids as segment_ids=, or use a block "
-        "map whose tiles are all FULL/EMPTY (then mask_fn is not needed)")
-  return mask_fn
+      f"mask_fn {name} closes over arrays of shapes {[np.shape(c) for c in consts]}; a "
+      "Pallas kernel cannot capture them. Pass them as mask_tables= (and take them as "
+      "mask_fn's first argument), segment ids as segment_ids=, or use a block map whose "
+      "tiles are all FULL/EMPTY (then mask_fn is not needed)"
+    )
+  return mask_fn, tuple(tables)
 
 
 def _check_hardware_tiles(backend, block_sizes, H, Hv):
   """Tile constraints of the compiled kernels (the interpreter accepts any tile)."""
   bq, bk = block_sizes.block_q, block_sizes.block_k
   if backend == "tpu" and (bq % 8 or bk % 128):
-    raise ValueError(f"the TPU kernel needs block_q % 8 == 0 and block_k % 128 == 0 "
-                     f"(got block_q={bq}, block_k={bk}); pass BlockSizes(128, 128)")
+    raise ValueError(
+      f"the TPU kernel needs block_q % 8 == 0 and block_k % 128 == 0 "
+      f"(got block_q={bq}, block_k={bk}); pass BlockSizes(128, 128)"
+    )
   if backend == "gpu":
     for name, size in (("block_q", bq), ("block_k", bk), ("H", H), ("Hv", Hv)):
       if size < 16 or size & (size - 1):
-        raise ValueError(f"the Triton kernel needs {name}={size} to be a power of two >= 16 "
-                         "(pad the head dim, or pick power-of-two tiles)")
+        raise ValueError(
+          f"the Triton kernel needs {name}={size} to be a power of two >= 16 "
+          "(pad the head dim, or pick power-of-two tiles)"
+        )
 
 
 def _pick_backend(backend, interpret):
@@ -227,11 +336,13 @@ def _pick_backend(backend, interpret):
     platform = jax.default_backend()
     backend = platform if platform in _BACKENDS else "gpu"
     if platform not in _BACKENDS and not interpret:
-      raise ValueError(f"block_sparse_attention has no compiled kernel for platform {platform!r}; "
-                       "pass interpret=True to run it in the Pallas interpreter")
+      raise ValueError(
+        f"block_sparse_attention has no compiled kernel for platform {platform!r}; "
+        "pass interpret=True to run it in the Pallas interpreter"
+      )
   if backend not in _BACKENDS:
     raise ValueError(f"backend={backend!r} must be one of {sorted(_BACKENDS)} or None")
   return backend
 
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["MaskPredicate", "block_sparse_attention", "table_xp"]

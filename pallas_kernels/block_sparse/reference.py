@@ -2,9 +2,9 @@
 
 out[b, t, n] = sum_s softmax_s(c * tanh(scale * q[b,t,n] . k[b,s,n//G] / c))[where kept] v[b,s,n//G]
 
-A key is kept when the BlockMap lists its tile, `mask_fn(t, s)` holds, the segment ids are
-equal, and s < S. A query with no kept key gets zeros (safe softmax). Dense [B, N, T, S]
-logits: use it only at test sizes.
+A key is kept when the BlockMap lists its tile, `mask_fn(t, s)` (or, with mask tables,
+`mask_fn(tables, t, s)`) holds, the segment ids are equal, and s < S. A query with no kept
+key gets zeros (safe softmax). Dense [B, N, T, S] logits: use it only at test sizes.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from pallas_kernels.block_sparse.block_map import BlockMap
 
 
 def reference_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    block_map: BlockMap | None = None,
-    *,
-    mask_fn=None,
-    scale: float | None = None,
-    segment_ids=None,
-    logits_soft_cap: float | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  block_map: BlockMap | None = None,
+  *,
+  mask_fn=None,
+  mask_tables: tuple[jax.Array, ...] = (),
+  scale: float | None = None,
+  segment_ids=None,
+  logits_soft_cap: float | None = None,
 ) -> Float[Array, "B T N Hv"]:
   """Dense masked softmax attention in float32, output in q.dtype (see module docstring)."""
   B, T, N, H = q.shape
@@ -40,7 +41,8 @@ def reference_attention(
   keep_BNTS = jnp.ones((1, 1, T, S), bool)
   if mask_fn is not None:
     pos_q, pos_k = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
-    keep_BNTS &= jnp.broadcast_to(mask_fn(pos_q[:, None], pos_k[None, :]), (1, 1, T, S))
+    args = (tuple(jnp.asarray(t) for t in mask_tables),) if mask_tables else ()
+    keep_BNTS &= jnp.broadcast_to(mask_fn(*args, pos_q[:, None], pos_k[None, :]), (1, 1, T, S))
   if block_map is not None:
     tiles = jnp.asarray(block_map.to_block_mask()) > 0  # [Bm, Nm, Qb, Kb]
     tiles = jnp.repeat(jnp.repeat(tiles, block_map.block_q, 2), block_map.block_k, 3)

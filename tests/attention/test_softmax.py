@@ -187,3 +187,143 @@ def test_bad_input_raises_clear_errors(shapes, kwargs, error, match):
 def test_block_sizes_must_be_positive():
   with pytest.raises(ValueError, match="block_q=0"):
     BlockSizes(0, 8)
+
+
+# ------------------------------------------------------------------ "pallas" (interpret mode)
+
+
+class _CountingWindow(masks.Mask):
+  """|q - k| <= width; records the shape of every traced (non-numpy) evaluation."""
+
+  traces: list = []
+
+  def __init__(self, width):
+    self.width = width
+
+  def predicate(self, q_pos, k_pos, xp=jnp):
+    if not isinstance(q_pos, np.ndarray):
+      _CountingWindow.traces.append(np.shape(q_pos))
+    return xp.abs(q_pos - k_pos) <= self.width
+
+  def __eq__(self, other):
+    return type(other) is type(self) and other.width == self.width
+
+  def __hash__(self):
+    return hash((type(self), self.width))
+
+
+class _UndeclaredArrayMask(masks.Mask):
+  """Reads an array it does not list in `tables()`: the kernel cannot take it."""
+
+  keep = np.tri(48, 48, 2, dtype=bool)
+
+  def predicate(self, q_pos, k_pos, xp=jnp):
+    return xp.asarray(self.keep)[xp.clip(q_pos, 0, 47), xp.clip(k_pos, 0, 47)]
+
+
+def _mixed_mask_cases():
+  """And/Or of masks that read tables with position masks."""
+  return {
+    "documents_and_window": masks.Segments.from_lengths([20, 28]) & masks.SlidingWindow(9, 0),
+    "dense_or_causal": masks.DenseMask(np.random.default_rng(1).random((48, 48)) < 0.2)
+    | masks.Causal(offset=-8),
+    "random_or_sinks": masks.RandomBlocks(0.3, 8, 4, seed=2, seq_q=48, seq_k=48)
+    | masks.AttentionSinks(3),
+  }
+
+
+def _pallas(q, k, v, **kw):
+  return dpa(q, k, v, implementation="pallas", interpret=True, block_sizes=BlockSizes(16, 16), **kw)
+
+
+def _check_pallas_equals_xla(mask, **kw):
+  q, k, v = random_qkv(0, 1, 48, 48, 4, 2, 8)
+  cot = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+
+  def out_and_grads(attend):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask=mask, **kw), q, k, v)
+    return out, vjp(cot)
+
+  got, got_grads = out_and_grads(_pallas)
+  want, want_grads = out_and_grads(lambda *a, **kw: dpa(*a, implementation="xla", **kw))
+  assert_close(got, want)
+  for n, g, w in zip("qkv", got_grads, want_grads, strict=True):
+    assert_close(g, w, grad=True, err_msg=f"d{n}")
+
+
+# ~90 s of CPU in interpret mode (the conformance suite plus every mask kind): slow. The fast
+# loop keeps the wiring tests below and tests/pallas_kernels/block_sparse/test_*_tables.py.
+@pytest.mark.slow
+class TestSoftmaxPallas(AttentionConformance):
+  implementation = "pallas"
+  options = {"block_sizes": BlockSizes(16, 16), "interpret": True}
+  reference_options = {}
+
+  def test_fully_masked_rows_are_zero_with_finite_gradients(self):
+    # A dense mask array is routed to "chunked"; the same keep pattern as a DenseMask runs
+    # through the kernel (its table is a kernel input).
+    q, k, v = self.inputs(seed=7)
+    T, S = q.shape[1], k.shape[1]
+    keep = np.ones((T, S), bool)
+    keep[3] = False
+    keep[T - 1] = False
+    mask = masks.DenseMask(keep)
+    out = self.attend(q, k, v, mask=mask)
+    np.testing.assert_array_equal(np.asarray(out[:, 3]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out[:, T - 1]), 0.0)
+    grads = jax.grad(
+      lambda q, k, v: jnp.sum(self.attend(q, k, v, mask=mask) ** 2), argnums=(0, 1, 2)
+    )(q, k, v)
+    for g in grads:
+      assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(grads[0][:, 3]), 0.0)
+
+  @pytest.mark.parametrize("name", sorted({**_mask_cases(), **_mixed_mask_cases()}))
+  def test_every_mask_kind_matches_xla(self, name):
+    """Every attnzoo mask, including those that read tables, runs through the kernel."""
+    _check_pallas_equals_xla({**_mask_cases(), **_mixed_mask_cases()}[name])
+
+
+@pytest.mark.parametrize("case", ["dense_and_causal", "documents", "documents_and_segment_ids"])
+def test_pallas_runs_masks_that_read_tables(case):
+  documents = masks.Segments.from_lengths([20, 28]) & masks.Causal()  # native segment ids
+  dense = masks.DenseMask(np.random.default_rng(2).random((48, 48)) < 0.5)  # a kernel table
+  if case == "documents_and_segment_ids":  # both: the Segments mask stays a kernel table
+    ids = jnp.asarray([[0] * 30 + [1] * 18])
+    _check_pallas_equals_xla(documents, segment_ids=ids)
+  else:
+    _check_pallas_equals_xla(dense & masks.Causal() if case == "dense_and_causal" else documents)
+
+
+def test_pallas_repeated_eager_calls_reuse_the_kernels():
+  q, k, v = random_qkv(10, 1, 48, 48, 2, 1, 8)
+  first = _pallas(q, k, v, mask=_CountingWindow(5), is_causal=True)
+  assert [s for s in _CountingWindow.traces if s], "the kernel never evaluated the predicate"
+  _CountingWindow.traces.clear()
+  again = _pallas(q, k, v, mask=_CountingWindow(5), is_causal=True)  # an equal, new mask
+  assert [s for s in _CountingWindow.traces if s] == []
+  assert_close(again, first)
+
+
+def test_pallas_falls_back_to_chunked_with_a_warning(caplog):
+  q, k, v = random_qkv(11, 1, 48, 48, 2, 1, 8)
+  mask = _UndeclaredArrayMask()
+  with caplog.at_level("WARNING"):
+    got = _pallas(q, k, v, mask=mask)
+  assert any("using 'chunked'" in r.getMessage() for r in caplog.records), caplog.text
+  assert_close(got, dpa(q, k, v, mask=mask, implementation="xla"))
+
+
+def test_pallas_passes_documents_as_native_segment_ids(monkeypatch):
+  import pallas_kernels.block_sparse as block_sparse  # noqa: PLC0415 (patched below)
+
+  calls, kernel = [], block_sparse.block_sparse_attention
+  monkeypatch.setattr(
+    block_sparse, "block_sparse_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw)
+  )
+  q, k, v = random_qkv(12, 2, 48, 48, 2, 1, 8)
+  mask = masks.Segments.from_lengths([20, 28]) & masks.Causal()
+  got = _pallas(q, k, v, mask=mask)
+  assert calls[0]["mask_tables"] == () and calls[0]["mask_fn"].mask == masks.Causal()
+  np.testing.assert_array_equal(np.asarray(calls[0]["segment_ids"][1]), [[0] * 20 + [1] * 28] * 2)
+  assert_close(got, dpa(q, k, v, mask=mask, implementation="xla"))
