@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax import lax
 from jaxtyping import Array, Float
 
 from attnzoo.attention import _validate, registry
@@ -136,21 +137,27 @@ def _xla(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap,
     logits = soft_cap * jnp.tanh(logits / soft_cap)
   if bias is not None:
     logits = logits + _heads_split(bias, G).astype(jnp.float32)
-  keep = jnp.ones((1, 1, 1, T, S), bool)
+  keep = None  # bool, broadcastable to [B, K, G, T, S]; None = every key visible
+
+  def conj(a, b):
+    return b if a is None else a & b
+
   if structured is not None:
     q_pos = jnp.arange(T, dtype=jnp.int32)[:, None]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
-    keep = (
-      keep & jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
-    )
+    keep = jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
   if dense_mask is not None:
-    keep = keep & _heads_split(dense_mask, G)
+    keep = conj(keep, _heads_split(dense_mask, G))
   if segment_ids is not None:
     q_ids, kv_ids = segment_ids
-    keep = keep & (q_ids[:, None, None, :, None] == kv_ids[:, None, None, None, :])
-  logits = jnp.where(keep, logits, MASK_VALUE)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(keep, jnp.exp(logits - m), 0.0)
+    keep = conj(keep, q_ids[:, None, None, :, None] == kv_ids[:, None, None, None, :])
+  if keep is not None:
+    logits = jnp.where(keep, logits, MASK_VALUE)
+  # The max only stabilises exp(); softmax is invariant to it, so it carries no gradient.
+  m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.exp(logits - m)
+  if keep is not None:
+    p = jnp.where(keep, p, 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   weights = p / jnp.where(denom > 0, denom, 1.0)  # fully masked rows -> zeros
   out = jnp.einsum("bkgts,bskv->btkgv", weights, v.astype(jnp.float32))

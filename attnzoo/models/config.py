@@ -1,0 +1,128 @@
+"""`ModelConfig`: every hyper-parameter of the transformer stack, frozen and hashable."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+TASKS = ("lm", "classify")
+EMBEDDINGS = ("tokens", "patches")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of `Transformer`. Built from a ConfigDict in one place
+  (`attnzoo.training.builders.model_config`); modules only ever see this.
+
+  Attributes:
+    task: "lm" (causal decoder, logits at every position) or "classify"
+      (bidirectional encoder, mean-pooled, one label per sequence).
+    vocab_size: input token vocabulary (pixel intensity levels for images).
+    max_len: L, the input length.
+    num_classes: labels of a "classify" model.
+    dim, num_layers, num_heads: D, L layers, N.
+    num_kv_heads: K (N % K == 0): N = MHA, 1 = MQA, between = GQA. 0 means N.
+    head_dim: H; 0 means D // N.
+    mlp_dim: feed-forward width; 0 means 4 D (plain) or 8/3 D rounded to 8 (gated).
+    mlp: "plain" or "gated"; activation: "gelu", "relu" or "silu" (gated + silu = SwiGLU).
+    norm: "rms" or "layer".
+    attention: family name per layer; cycled when shorter than num_layers (hybrids).
+    knobs: (family, ((knob, value), ...)) pairs: each layer passes its family's knobs.
+    position: "none", "rope", "alibi" (inside attention) or "learned" (absolute, added
+      to the embeddings).
+    mask: name in `attnzoo.nn.MASKS` ("" = none) with `mask_kwargs` pairs.
+    spatial_shape: image shape of the input (H, W); the token grid is
+      spatial_shape // patch_size and is what N-D masks see.
+    patch_size: () embeds every input token (pixel or byte) through a table;
+      (ph, pw) embeds flattened patches of intensities linearly (ViT, arXiv 2010.11929 §3.1).
+    pad_id: input id of padding (-1: none); a classifier pools over non-pad tokens only.
+    dropout: residual dropout rate.
+    dtype: activation dtype ("float32" / "bfloat16"); params stay float32.
+  """
+
+  task: str
+  vocab_size: int
+  max_len: int
+  num_classes: int = 0
+  dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 0
+  mlp: str = "gated"
+  activation: str = "silu"
+  norm: str = "rms"
+  attention: tuple[str, ...] = ("softmax",)
+  knobs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+  position: str = "rope"
+  rope_base: float = 10000.0
+  mask: str = ""
+  mask_kwargs: tuple[tuple[str, Any], ...] = ()
+  spatial_shape: tuple[int, ...] = ()
+  patch_size: tuple[int, ...] = ()
+  pad_id: int = -1
+  dropout: float = 0.0
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r} is not one of {TASKS}")
+    if self.task == "classify" and self.num_classes < 2:
+      raise ValueError(f"num_classes={self.num_classes} must be >= 2 for task='classify'")
+    if self.dim % self.num_heads and not self.head_dim:
+      raise ValueError(
+        f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
+      )
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+        f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+      )
+    if self.patch_size:
+      if len(self.patch_size) != len(self.spatial_shape):
+        raise ValueError(
+          f"patch_size={self.patch_size} and spatial_shape={self.spatial_shape} "
+          "must have the same number of axes"
+        )
+      for p, s in zip(self.patch_size, self.spatial_shape, strict=True):
+        if s % p:
+          raise ValueError(
+            f"patch_size={self.patch_size} does not tile spatial_shape={self.spatial_shape}"
+          )
+    if self.spatial_shape and math.prod(self.spatial_shape) != self.max_len:
+      raise ValueError(
+        f"spatial_shape={self.spatial_shape} has {math.prod(self.spatial_shape)} "
+        f"pixels but max_len={self.max_len}"
+      )
+    if self.mlp not in ("plain", "gated"):
+      raise ValueError(f"mlp={self.mlp!r} is not one of ('plain', 'gated')")
+
+  def knobs_of(self, family: str) -> dict[str, Any]:
+    return dict(dict(self.knobs).get(family, ()))
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    return 4 * self.dim if self.mlp == "plain" else 8 * ((8 * self.dim // 3 + 7) // 8)
+
+  @property
+  def token_grid(self) -> tuple[int, ...]:
+    """Shape of the token grid seen by attention (spatial_shape // patch_size)."""
+    if not self.spatial_shape:
+      return ()
+    patch = self.patch_size or (1,) * len(self.spatial_shape)
+    return tuple(s // p for s, p in zip(self.spatial_shape, patch, strict=True))
+
+  @property
+  def seq_len(self) -> int:
+    return math.prod(self.token_grid) if self.spatial_shape else self.max_len

@@ -1,0 +1,162 @@
+"""One pre-norm transformer stack: decoder LM, encoder classifier and ViT-style image model.
+
+The stack is the same for every task; what varies is the input embedding (token table
+or linear patch embedding), whether attention is causal, and the head (per-position
+logits, or mean-pooled class logits). The attention family of each layer comes from
+`ModelConfig.attention` through the registry, so hybrid stacks are a setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from attnzoo import nn
+from attnzoo.models.config import ModelConfig
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    family: str,
+    *,
+    mask: Any,
+    attention_fn: Callable[..., Any] | None,
+    rngs: nnx.Rngs,
+  ):
+    dtype = jnp.dtype(cfg.dtype)
+    self.attn_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
+    self.attn = nn.Attention(
+      cfg.dim,
+      num_heads=cfg.num_heads,
+      num_kv_heads=cfg.kv_heads,
+      head_dim=cfg.head_size,
+      family=family,
+      knobs=cfg.knobs_of(family),
+      position=cfg.position if cfg.position != "learned" else "none",
+      rope_base=cfg.rope_base,
+      is_causal=cfg.task == "lm",
+      mask=mask,
+      dtype=dtype,
+      attention_fn=attention_fn,
+      rngs=rngs,
+    )
+    self.mlp_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
+    self.mlp = nn.MLP(
+      cfg.dim,
+      cfg.hidden_dim,
+      gated=cfg.mlp == "gated",
+      activation=cfg.activation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x_BTD, positions_BT, *, deterministic: bool, rngs: nnx.Rngs | None):
+    h_BTD = self.attn(self.attn_norm(x_BTD), positions_BT)
+    x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
+    h_BTD = self.mlp(self.mlp_norm(x_BTD))
+    return x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
+
+
+def patchify(
+  pixels_BL: Array, spatial_shape: tuple[int, ...], patch_size: tuple[int, ...]
+) -> Array:
+  """[B, prod(spatial)] row-major pixels -> [B, prod(grid), prod(patch)] patches, row-major."""
+  B = pixels_BL.shape[0]
+  grid = [s // p for s, p in zip(spatial_shape, patch_size, strict=True)]
+  split = [d for g, p in zip(grid, patch_size, strict=True) for d in (g, p)]
+  x = pixels_BL.reshape(B, *split)
+  n = len(grid)
+  x = x.transpose(0, *(1 + 2 * i for i in range(n)), *(2 + 2 * i for i in range(n)))
+  return x.reshape(B, math.prod(grid), math.prod(patch_size))
+
+
+class Transformer(nnx.Module):
+  """The generic stack. `__call__(inputs [B, L] int32) -> logits`.
+
+  task="lm": causal, logits [B, L, vocab_size] (position t predicts token t + 1).
+  task="classify": bidirectional, mean pool over tokens, logits [B, num_classes].
+
+  Args:
+    cfg: the model's hyper-parameters.
+    attention_fn: optional replacement attention function for every layer (ring
+      attention under sequence parallelism); None uses each layer's family.
+    constrain: optional `(x, logical_axes) -> x` sharding constraint applied to the
+      residual stream (logical axes "batch", "length", "embed"); the trainer builds it
+      from the mesh and its activation rules.
+  """
+
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    attention_fn: Callable[..., Any] | None = None,
+    constrain: Callable[..., Any] | None = None,
+  ):
+    self.cfg = cfg
+    self.constrain = constrain
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.patch_size:
+      self.embed = nnx.Linear(math.prod(cfg.patch_size), cfg.dim, dtype=dtype, rngs=rngs)
+    else:
+      self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
+    if cfg.position == "learned":
+      self.pos_embed = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.dim))
+      )
+    else:
+      self.pos_embed = None
+    mask = nn.build_mask(cfg.mask, cfg.token_grid or None, dict(cfg.mask_kwargs))
+    self.blocks = nnx.List(
+      [
+        Block(cfg, family, mask=mask, attention_fn=attention_fn, rngs=rngs)
+        for family in nn.layer_families(cfg.attention, cfg.num_layers)
+      ]
+    )
+    self.final_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
+    out = cfg.vocab_size if cfg.task == "lm" else cfg.num_classes
+    self.head = nnx.Linear(cfg.dim, out, dtype=dtype, rngs=rngs)
+
+  def _constrain(self, x_BTD):
+    return x_BTD if self.constrain is None else self.constrain(x_BTD, ("batch", "length", "embed"))
+
+  def __call__(
+    self, inputs_BL: Int[Array, "B L"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+  ) -> Float[Array, "B ..."]:
+    cfg = self.cfg
+    if inputs_BL.ndim != 2 or inputs_BL.shape[1] != cfg.max_len:
+      raise ValueError(f"inputs have shape {inputs_BL.shape}; expected [B, {cfg.max_len}]")
+    if cfg.patch_size:
+      patches = patchify(inputs_BL, cfg.spatial_shape, cfg.patch_size)
+      x_BTD = self.embed(patches.astype(jnp.float32) / max(cfg.vocab_size - 1, 1))
+    else:
+      x_BTD = self.embed(inputs_BL)
+    B, T, _ = x_BTD.shape
+    if self.pos_embed is not None:
+      x_BTD = x_BTD + self.pos_embed[...].astype(x_BTD.dtype)[None]
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    for block in self.blocks:
+      x_BTD = self._constrain(x_BTD)
+      x_BTD = block(x_BTD, positions_BT, deterministic=deterministic, rngs=rngs)
+    x_BTD = self.final_norm(self._constrain(x_BTD))
+    if cfg.task == "classify":
+      if cfg.pad_id >= 0 and not cfg.patch_size:
+        keep_BT1 = (inputs_BL != cfg.pad_id)[..., None].astype(jnp.float32)
+      else:
+        keep_BT1 = jnp.ones((B, T, 1), jnp.float32)
+      x_BD = jnp.sum(x_BTD.astype(jnp.float32) * keep_BT1, axis=1) / jnp.maximum(
+        jnp.sum(keep_BT1, axis=1), 1.0
+      )
+      x_BD = x_BD.astype(x_BTD.dtype)
+      return self.head(x_BD).astype(jnp.float32)
+    return self.head(x_BTD).astype(jnp.float32)

@@ -1,0 +1,136 @@
+"""The attention layer: head-count settings, positions, registry lookup, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnzoo import nn
+from tests import tolerances
+
+D, N, H, B, T = 16, 4, 8, 2, 12
+XLA = dict(implementation="xla")  # eager tests: the readable path is the fast one
+
+
+def _x(seed=0):
+  return jax.random.normal(jax.random.key(seed), (B, T, D), jnp.float32)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_gqa_equals_mha_with_repeated_kv_weights(num_kv_heads, is_causal):
+  gqa = nn.Attention(
+    D,
+    num_heads=N,
+    num_kv_heads=num_kv_heads,
+    head_dim=H,
+    position="rope",
+    is_causal=is_causal,
+    knobs=XLA,
+    rngs=nnx.Rngs(0),
+  )
+  mha = nn.Attention(
+    D,
+    num_heads=N,
+    num_kv_heads=N,
+    head_dim=H,
+    position="rope",
+    is_causal=is_causal,
+    knobs=XLA,
+    rngs=nnx.Rngs(1),
+  )
+  group = N // num_kv_heads
+  mha.query.kernel[...] = gqa.query.kernel[...]
+  mha.out.kernel[...] = gqa.out.kernel[...]
+  # kv head j serves query heads j*G .. j*G+G-1: repeat each kv head G times.
+  mha.key.kernel[...] = jnp.repeat(gqa.key.kernel[...], group, axis=1)
+  mha.value.kernel[...] = jnp.repeat(gqa.value.kernel[...], group, axis=1)
+  tolerances.assert_close(gqa(_x()), mha(_x()))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q = jax.random.normal(jax.random.key(1), (1, 1, 1, H))
+  k = jax.random.normal(jax.random.key(2), (1, 1, 1, H))
+
+  def score(m, n):
+    qm = nn.rope(q, jnp.array([[m]]))
+    kn = nn.rope(k, jnp.array([[n]]))
+    return float(jnp.sum(qm * kn))
+
+  for shift in (1, 7, 100):
+    tolerances.assert_close(score(3 + shift, 1 + shift), score(3, 1))
+    tolerances.assert_close(score(0 + shift, 5 + shift), score(0, 5))
+  # ... and do depend on it (the test could fail):
+  assert abs(score(3, 1) - score(3, 2)) > 1e-3
+  # norms are preserved (a rotation)
+  tolerances.assert_close(jnp.linalg.norm(nn.rope(q, jnp.array([[9]]))), jnp.linalg.norm(q))
+
+
+def test_alibi_slopes_match_the_paper():
+  # Press et al. §3: 8 heads -> 1/2, 1/4, ..., 1/256.
+  np.testing.assert_allclose(nn.alibi_slopes(8), 2.0 ** -np.arange(1, 9), rtol=1e-6)
+  # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence.
+  expected = [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
+  np.testing.assert_allclose(nn.alibi_slopes(6), expected, rtol=1e-6)
+
+
+def test_alibi_bias_penalises_distance():
+  pos = jnp.arange(5)[None]
+  bias = nn.alibi_bias(2, pos, pos)
+  assert bias.shape == (1, 2, 5, 5)
+  np.testing.assert_allclose(bias[0, 0, 2], -0.0625 * np.abs(np.arange(5) - 2), rtol=1e-6)
+
+
+def test_alibi_layer_runs_and_differs_from_no_position():
+  kw = dict(num_heads=N, num_kv_heads=N, head_dim=H, is_causal=True, knobs=XLA)
+  plain = nn.Attention(D, position="none", rngs=nnx.Rngs(0), **kw)
+  alibi = nn.Attention(D, position="alibi", rngs=nnx.Rngs(0), **kw)
+  assert float(jnp.max(jnp.abs(plain(_x()) - alibi(_x())))) > 1e-4
+
+
+def test_knobs_reach_the_family():
+  a = nn.Attention(D, num_heads=N, num_kv_heads=N, head_dim=H, knobs=XLA, rngs=nnx.Rngs(0))
+  b = nn.Attention(
+    D, num_heads=N, num_kv_heads=N, head_dim=H, knobs=dict(XLA, scale=0.0), rngs=nnx.Rngs(0)
+  )
+  # scale 0 = uniform attention: every query gets the mean of the values.
+  v = b.value(_x())
+  expected = b.out(jnp.broadcast_to(v.mean(axis=1, keepdims=True), v.shape))
+  tolerances.assert_close(b(_x()), expected)
+  assert float(jnp.max(jnp.abs(a(_x()) - b(_x())))) > 1e-4
+
+
+def test_unknown_family_lists_valid_names():
+  with pytest.raises(KeyError, match="softmax"):
+    nn.Attention(D, num_heads=N, num_kv_heads=N, head_dim=H, family="nope", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(num_heads=4, num_kv_heads=3), "not divisible"),
+    (dict(num_heads=4, num_kv_heads=4, position="sinusoid"), "position"),
+  ],
+)
+def test_bad_settings_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    nn.Attention(D, head_dim=H, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_layer_families_cycles_pattern():
+  assert nn.layer_families(("a", "b"), 4) == ("a", "b", "a", "b")
+  with pytest.raises(ValueError, match="does not divide"):
+    nn.layer_families(("a", "b", "c"), 4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mlp(gated):
+  mlp = nn.MLP(D, 24, gated=gated, activation="silu", rngs=nnx.Rngs(0))
+  x = _x()
+  h = (
+    jax.nn.silu(x @ mlp.gate.kernel[...]) * (x @ mlp.up.kernel[...])
+    if gated
+    else jax.nn.silu(x @ mlp.up.kernel[...])
+  )
+  tolerances.assert_close(mlp(x), h @ mlp.down.kernel[...])
