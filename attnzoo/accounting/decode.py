@@ -61,8 +61,10 @@ class AttentionSpec:
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{field}={value!r} must be a positive int")
     if self.num_q_heads % self.num_kv_heads:
-      raise ValueError(f"num_q_heads={self.num_q_heads} is not divisible by "
-                       f"num_kv_heads={self.num_kv_heads}: each kv head serves a whole group")
+      raise ValueError(
+        f"num_q_heads={self.num_q_heads} is not divisible by "
+        f"num_kv_heads={self.num_kv_heads}: each kv head serves a whole group"
+      )
     if self.shared_kv_dim is not None and self.shared_kv_dim <= 0:
       raise ValueError(f"shared_kv_dim={self.shared_kv_dim!r} must be a positive int or None")
     if self.bytes_per_element <= 0:
@@ -71,8 +73,9 @@ class AttentionSpec:
   @property
   def cached_elements_per_token(self) -> int:
     """Cache elements one token adds to one layer."""
-    per_head = (self.shared_kv_dim if self.shared_kv_dim is not None
-                else self.qk_head_dim + self.v_head_dim)
+    per_head = (
+      self.shared_kv_dim if self.shared_kv_dim is not None else self.qk_head_dim + self.v_head_dim
+    )
     return self.num_kv_heads * per_head
 
   @property
@@ -99,35 +102,59 @@ def decode_cost(spec: AttentionSpec, context_len: int) -> DecodeCost:
   """KV-cache bytes read and attention FLOPs (no projections) for one decoded token."""
   if not isinstance(context_len, int) or context_len <= 0:
     raise ValueError(f"context_len={context_len!r} must be a positive int (cached tokens)")
-  kv_bytes = (spec.num_layers * context_len * spec.cached_elements_per_token
-              * spec.bytes_per_element)
-  flops = (2 * spec.num_layers * spec.num_q_heads * context_len
-           * (spec.qk_head_dim + spec.v_head_dim))
-  return DecodeCost(context_len=context_len, kv_cache_bytes=float(kv_bytes),
-                    attention_flops=float(flops))
+  kv_bytes = spec.num_layers * context_len * spec.cached_elements_per_token * spec.bytes_per_element
+  flops = (
+    2 * spec.num_layers * spec.num_q_heads * context_len * (spec.qk_head_dim + spec.v_head_dim)
+  )
+  return DecodeCost(
+    context_len=context_len, kv_cache_bytes=float(kv_bytes), attention_flops=float(flops)
+  )
 
 
 # Published hyper-parameters (8-bit KV cache, as in the Step-3 report's Tables 2 and 3).
 STEP3 = AttentionSpec(
-    name="Step-3 (MFA)", num_layers=61, num_q_heads=64, num_kv_heads=1, qk_head_dim=256,
-    v_head_dim=256,
-    note="Step-3 report Sec. 3: 61 layers, 64 query heads, one K and one V head of dim 256 "
-         "(MFA; query low-rank 2048 does not enter decode cost)")
+  name="Step-3 (MFA)",
+  num_layers=61,
+  num_q_heads=64,
+  num_kv_heads=1,
+  qk_head_dim=256,
+  v_head_dim=256,
+  note="Step-3 report Sec. 3: 61 layers, 64 query heads, one K and one V head of dim 256 "
+  "(MFA; query low-rank 2048 does not enter decode cost)",
+)
 DEEPSEEK_V3 = AttentionSpec(
-    name="DeepSeek-V3 (MLA)", num_layers=61, num_q_heads=128, num_kv_heads=1, qk_head_dim=576,
-    v_head_dim=576, shared_kv_dim=576,
-    note="MLA absorbed: cache kv_lora_rank 512 + rope 64 = 576 per token and layer; the report "
-         "counts 576 for the value width too (true absorbed value width: 512)")
+  name="DeepSeek-V3 (MLA)",
+  num_layers=61,
+  num_q_heads=128,
+  num_kv_heads=1,
+  qk_head_dim=576,
+  v_head_dim=576,
+  shared_kv_dim=576,
+  note="MLA absorbed: cache kv_lora_rank 512 + rope 64 = 576 per token and layer; the report "
+  "counts 576 for the value width too (true absorbed value width: 512)",
+)
 QWEN3_235B = AttentionSpec(
-    name="Qwen3-235B-A22B (GQA)", num_layers=94, num_q_heads=64, num_kv_heads=4, qk_head_dim=128,
-    v_head_dim=128, note="Qwen3 report: 94 layers, 64 query / 4 kv heads, head dim 128")
+  name="Qwen3-235B-A22B (GQA)",
+  num_layers=94,
+  num_q_heads=64,
+  num_kv_heads=4,
+  qk_head_dim=128,
+  v_head_dim=128,
+  note="Qwen3 report: 94 layers, 64 query / 4 kv heads, head dim 128",
+)
 QWEN3_32B = AttentionSpec(
-    name="Qwen3-32B (GQA)", num_layers=64, num_q_heads=64, num_kv_heads=8, qk_head_dim=128,
-    v_head_dim=128, note="Qwen3 report: 64 layers, 64 query / 8 kv heads, head dim 128")
+  name="Qwen3-32B (GQA)",
+  num_layers=64,
+  num_q_heads=64,
+  num_kv_heads=8,
+  qk_head_dim=128,
+  v_head_dim=128,
+  note="Qwen3 report: 64 layers, 64 query / 8 kv heads, head dim 128",
+)
 
 PRESETS: dict[str, AttentionSpec] = {
-    "step3": STEP3,
-    "deepseek_v3": DEEPSEEK_V3,
-    "qwen3_235b": QWEN3_235B,
-    "qwen3_32b": QWEN3_32B,
+  "step3": STEP3,
+  "deepseek_v3": DEEPSEEK_V3,
+  "qwen3_235b": QWEN3_235B,
+  "qwen3_32b": QWEN3_32B,
 }

@@ -84,8 +84,9 @@ def amdahl(attention_share: float, speedup: float) -> float:
   return 1.0 / ((1.0 - attention_share) + attention_share / speedup)
 
 
-def axis_keep(n: int, window: int, stride: int = 1, dilation: int = 1,
-              causal: bool = False) -> np.ndarray:
+def axis_keep(
+  n: int, window: int, stride: int = 1, dilation: int = 1, causal: bool = False
+) -> np.ndarray:
   """bool[n, n]: the GNA keep matrix along one axis (query x, key y), in original positions."""
   _check_axis(n, window, stride, dilation)
   keep = np.zeros((n, n), bool)
@@ -112,8 +113,9 @@ def _undilated_keep(n: int, window: int, stride: int, causal: bool) -> np.ndarra
   return (centre - wl <= y) & (y <= centre + wr)
 
 
-def _axis_tile_counts(keep: np.ndarray, q_tile: int, kv_tile: int, dilation: int,
-                      kv_tiling: str) -> tuple[np.ndarray, np.ndarray]:
+def _axis_tile_counts(
+  keep: np.ndarray, q_tile: int, kv_tile: int, dilation: int, kv_tiling: str
+) -> tuple[np.ndarray, np.ndarray]:
   """Per q tile along one axis: (#kv tiles visited, #of them that are partial)."""
   n = keep.shape[0]
   # Dilation groups made contiguous (stable order inside a group), as NATTEN's sub-problems.
@@ -122,11 +124,11 @@ def _axis_tile_counts(keep: np.ndarray, q_tile: int, kv_tile: int, dilation: int
   visited, partial = [], []
   kv_starts = range(0, n, kv_tile)
   for start in range(0, n, q_tile):
-    rows = keep[start:start + q_tile]
+    rows = keep[start : start + q_tile]
     needed = rows.any(axis=0)
     if kv_tiling == "static":
-      hit = [needed[k:k + kv_tile].any() for k in kv_starts]
-      full = [rows[:, k:k + kv_tile].all() for k in kv_starts]
+      hit = [needed[k : k + kv_tile].any() for k in kv_starts]
+      full = [rows[:, k : k + kv_tile].all() for k in kv_starts]
       visited.append(int(np.sum(hit)))
       partial.append(int(np.sum(np.array(hit) & ~np.array(full))))
     else:
@@ -139,15 +141,15 @@ def _axis_tile_counts(keep: np.ndarray, q_tile: int, kv_tile: int, dilation: int
 
 
 def simulated_speedup(
-    spatial_shape: Sequence[int],
-    window: Sequence[int] | int,
-    stride: Sequence[int] | int = 1,
-    dilation: Sequence[int] | int = 1,
-    causal: Sequence[bool] | bool = False,
-    q_tile: Sequence[int] | int = 128,
-    kv_tile: Sequence[int] | int = 128,
-    kv_tiling: str = "static",
-    attention_share: float | None = None,
+  spatial_shape: Sequence[int],
+  window: Sequence[int] | int,
+  stride: Sequence[int] | int = 1,
+  dilation: Sequence[int] | int = 1,
+  causal: Sequence[bool] | bool = False,
+  q_tile: Sequence[int] | int = 128,
+  kv_tile: Sequence[int] | int = 128,
+  kv_tiling: str = "static",
+  attention_share: float | None = None,
 ) -> SimResult:
   """Simulated speed-up of GNA over dense attention under a multi-dimensional tiling.
 
@@ -180,8 +182,9 @@ def simulated_speedup(
       raise ValueError(f"{name}={tiles} must be positive tile sizes")
 
   dense, visited_axes, partial_axes, kept_per_query = 1, [], [], 1
-  for n, w, s, d, c, tq, tk in zip(shape, window, stride, dilation, causal, q_tile, kv_tile,
-                                    strict=True):
+  for n, w, s, d, c, tq, tk in zip(
+    shape, window, stride, dilation, causal, q_tile, kv_tile, strict=True
+  ):
     keep = axis_keep(n, w, s, d, c)
     visited, partial = _axis_tile_counts(keep, tq, tk, d, kv_tiling)
     visited_axes.append(visited)
@@ -198,9 +201,16 @@ def simulated_speedup(
   e2e = e2e_flop = None
   if attention_share is not None:
     e2e, e2e_flop = amdahl(attention_share, speedup), amdahl(attention_share, flop_speedup)
-  return SimResult(dense_kv_tiles=dense, max_kv_tiles=max_tiles, mean_kv_tiles=mean_tiles,
-                   speedup=speedup, flop_speedup=flop_speedup, e2e_speedup=e2e,
-                   e2e_flop_speedup=e2e_flop, perfect_block_sparsity=perfect)
+  return SimResult(
+    dense_kv_tiles=dense,
+    max_kv_tiles=max_tiles,
+    mean_kv_tiles=mean_tiles,
+    speedup=speedup,
+    flop_speedup=flop_speedup,
+    e2e_speedup=e2e,
+    e2e_flop_speedup=e2e_flop,
+    perfect_block_sparsity=perfect,
+  )
 
 
 def _per_axis(name, value, rank, kind=int):
@@ -208,8 +218,10 @@ def _per_axis(name, value, rank, kind=int):
     return (kind(value),) * rank
   value = tuple(kind(v) for v in value)
   if len(value) != rank:
-    raise ValueError(f"{name}={value} has {len(value)} entries but spatial_shape has {rank} axes; "
-                     f"give one per axis or a single value")
+    raise ValueError(
+      f"{name}={value} has {len(value)} entries but spatial_shape has {rank} axes; "
+      f"give one per axis or a single value"
+    )
   return value
 
 
@@ -218,6 +230,7 @@ def _check_axis(n: int, window: int, stride: int, dilation: int) -> None:
     raise ValueError(f"dilation={dilation} must be >= 1")
   if not 1 <= window * dilation <= n:
     raise ValueError(
-        f"window={window} x dilation={dilation} must lie in [1, {n}] (the axis length)")
+      f"window={window} x dilation={dilation} must lie in [1, {n}] (the axis length)"
+    )
   if not 1 <= stride <= window:
     raise ValueError(f"stride={stride} must lie in [1, window={window}] (GNA requires s <= w)")

@@ -50,9 +50,9 @@ from jaxtyping import Array, Float
 from attnzoo.attention import registry
 from pallas_kernels import linear as linear_kernels
 from pallas_kernels.linear.reference import (
-    linear_attention_recurrent,
-    linear_attention_reference,
-    split_heads,
+  linear_attention_recurrent,
+  linear_attention_reference,
+  split_heads,
 )
 
 FAMILY_NAME = "linear"
@@ -69,9 +69,9 @@ def elu1(x):
 
 
 FEATURE_MAPS: dict[str, Callable[[Array], Array]] = {
-    "identity": lambda x: x,
-    "elu1": elu1,
-    "silu": jax.nn.silu,
+  "identity": lambda x: x,
+  "elu1": elu1,
+  "silu": jax.nn.silu,
 }
 
 
@@ -81,8 +81,9 @@ def _feature_map(feature_map) -> Callable[[Array], Array]:
   if callable(feature_map):
     return feature_map
   if feature_map not in FEATURE_MAPS:
-    raise ValueError(f"feature_map={feature_map!r} is not one of {sorted(FEATURE_MAPS)}, None "
-                     "or a callable")
+    raise ValueError(
+      f"feature_map={feature_map!r} is not one of {sorted(FEATURE_MAPS)}, None or a callable"
+    )
   return FEATURE_MAPS[feature_map]
 
 
@@ -112,10 +113,16 @@ def _chunked(q, k, v, log_decay, state0, block_size):
 
   q_nbckgh = blocks_of(q, kh, g, h)
   k_nbckh, v_nbckv = blocks_of(k, kh, h), blocks_of(v, kh, vd)
-  s_kg = (jnp.zeros((kh, g), jnp.float32) if log_decay is None
-          else log_decay.astype(jnp.float32).reshape(kh, g))
-  state = (jnp.zeros((b, kh, g, h, vd), jnp.float32) if state0 is None
-           else state0.astype(jnp.float32).reshape(b, kh, g, h, vd))
+  s_kg = (
+    jnp.zeros((kh, g), jnp.float32)
+    if log_decay is None
+    else log_decay.astype(jnp.float32).reshape(kh, g)
+  )
+  state = (
+    jnp.zeros((b, kh, g, h, vd), jnp.float32)
+    if state0 is None
+    else state0.astype(jnp.float32).reshape(b, kh, g, h, vd)
+  )
   causal_cd = jnp.tril(jnp.ones((c, c), bool))
 
   def step(state_bkghv, xs):
@@ -128,10 +135,12 @@ def _chunked(q, k, v, log_decay, state0, block_size):
     intra_kgcd = jnp.where(causal_cd[None, None], jnp.exp(diff_kgcd), 0.0)
     scores_bkgcd = jnp.einsum("bckgh,bdkh->bkgcd", q_bckgh, k_bckh) * intra_kgcd[None]
     out_bckgv = jnp.einsum("bkgcd,bdkv->bckgv", scores_bkgcd, v_bckv) + jnp.einsum(
-        "bckgh,kgc,bkghv->bckgv", q_bckgh, jnp.exp(cum_kgc), state_bkghv)
+      "bckgh,kgc,bkghv->bckgv", q_bckgh, jnp.exp(cum_kgc), state_bkghv
+    )
     k_decay_kgc = jnp.exp(total_kg[..., None] - cum_kgc)
-    state_bkghv = (jnp.exp(total_kg)[None, ..., None, None] * state_bkghv
-                   + jnp.einsum("bckh,kgc,bckv->bkghv", k_bckh, k_decay_kgc, v_bckv))
+    state_bkghv = jnp.exp(total_kg)[None, ..., None, None] * state_bkghv + jnp.einsum(
+      "bckh,kgc,bckv->bkghv", k_bckh, k_decay_kgc, v_bckv
+    )
     return state_bkghv, out_bckgv
 
   final, out_nbckgv = lax.scan(step, state, (q_nbckgh, k_nbckh, v_nbckv, jnp.arange(nc)))
@@ -151,9 +160,14 @@ def _recurrent(q, k, v, log_decay, state0, block_size):
 
 def _pallas(q, k, v, log_decay, state0, block_size):
   return linear_kernels.linear_attention(
-      q, k, v, log_decay=log_decay, initial_state=state0,
-      block_sizes=linear_kernels.BlockSizes(block_size),
-      interpret=jax.default_backend() == "cpu")
+    q,
+    k,
+    v,
+    log_decay=log_decay,
+    initial_state=state0,
+    block_sizes=linear_kernels.BlockSizes(block_size),
+    interpret=jax.default_backend() == "cpu",
+  )
 
 
 _CAUSAL = {"pallas": _pallas, "chunked": _chunked, "xla": _xla, "recurrent": _recurrent}
@@ -186,16 +200,20 @@ def _check_decay(decay, num_heads):
     return None
   decay = jnp.asarray(decay)
   if decay.shape != (num_heads,):
-    raise ValueError(f"decay has shape {decay.shape}; expected ({num_heads},): one log-decay "
-                     "log(λ) <= 0 per query head (see tnl.tnl_slopes)")
+    raise ValueError(
+      f"decay has shape {decay.shape}; expected ({num_heads},): one log-decay "
+      "log(λ) <= 0 per query head (see tnl.tnl_slopes)"
+    )
   try:  # concrete values are checked; traced ones (a learned decay under jit) cannot be
     values = np.asarray(decay, np.float64)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     values = None
   if values is not None:
     if not np.all(np.isfinite(values)) or np.any(values > 0):
-      raise ValueError(f"decay={values} must be finite and <= 0 (it is log λ with 0 < λ <= 1; "
-                       "for λ -> 0 use a large negative value such as -30)")
+      raise ValueError(
+        f"decay={values} must be finite and <= 0 (it is log λ with 0 < λ <= 1; "
+        "for λ -> 0 use a large negative value such as -30)"
+      )
   return decay.astype(jnp.float32)
 
 
@@ -203,22 +221,22 @@ _SOFTMAX_ONLY = ("mask", "bias", "segment_ids", "logits_soft_cap")
 
 
 def attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    *,
-    mask=None,
-    bias=None,
-    is_causal: bool = True,
-    scale: float | None = None,
-    segment_ids=None,
-    logits_soft_cap=None,
-    decay: Float[Array, " N"] | None = None,
-    feature_map: str | Callable[[Array], Array] | None = None,
-    block_size: int = 64,
-    initial_state: Float[Array, "B N H Hv"] | None = None,
-    return_final_state: bool = False,
-    implementation: str | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  *,
+  mask=None,
+  bias=None,
+  is_causal: bool = True,
+  scale: float | None = None,
+  segment_ids=None,
+  logits_soft_cap=None,
+  decay: Float[Array, " N"] | None = None,
+  feature_map: str | Callable[[Array], Array] | None = None,
+  block_size: int = 64,
+  initial_state: Float[Array, "B N H Hv"] | None = None,
+  return_final_state: bool = False,
+  implementation: str | None = None,
 ):
   """Decayed linear attention (see the module docstring for the equations and paper).
 
@@ -238,25 +256,35 @@ def attention(
   Returns:
     out [B,T,N,Hv] in q.dtype, or (out, final_state) when `return_final_state`.
   """
-  passed = {name: val for name, val in zip(_SOFTMAX_ONLY, (mask, bias, segment_ids,
-                                                           logits_soft_cap), strict=True)
-            if val is not None}
+  passed = {
+    name: val
+    for name, val in zip(_SOFTMAX_ONLY, (mask, bias, segment_ids, logits_soft_cap), strict=True)
+    if val is not None
+  }
   if passed:
-    raise TypeError(f"linear attention does not take {sorted(passed)}: it has no logits to mask "
-                    "or bias. Use is_causal=True/False, or a softmax family for masked attention")
+    raise TypeError(
+      f"linear attention does not take {sorted(passed)}: it has no logits to mask "
+      "or bias. Use is_causal=True/False, or a softmax family for masked attention"
+    )
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H], [B,S,K,Hv]); got shapes "
-                     f"{q.shape}, {k.shape}, {v.shape}")
+    raise ValueError(
+      f"q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H], [B,S,K,Hv]); got shapes "
+      f"{q.shape}, {k.shape}, {v.shape}"
+    )
   if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not fit the layout "
-                     "q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]")
+    raise ValueError(
+      f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not fit the layout "
+      "q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]"
+    )
   b, t, n, h = q.shape
   split_heads(q, k)
   if block_size <= 0 or block_size % 8:
     raise ValueError(f"block_size={block_size} must be a positive multiple of 8 (e.g. 64)")
   if initial_state is not None and initial_state.shape != (b, n, h, v.shape[3]):
-    raise ValueError(f"initial_state has shape {initial_state.shape}; expected "
-                     f"{(b, n, h, v.shape[3])} = [B,N,H,Hv]")
+    raise ValueError(
+      f"initial_state has shape {initial_state.shape}; expected "
+      f"{(b, n, h, v.shape[3])} = [B,N,H,Hv]"
+    )
   log_decay = _check_decay(decay, n)
   name = registry.resolve_implementation(implementation, _CAUSAL, family=FAMILY_NAME)
   phi = _feature_map(feature_map)
@@ -269,8 +297,9 @@ def attention(
     out, state = _CAUSAL[name](q, k, v, log_decay, initial_state, block_size)
   else:
     if log_decay is not None:
-      raise ValueError("decay is only defined for causal linear attention; pass decay=None "
-                       "with is_causal=False")
+      raise ValueError(
+        "decay is only defined for causal linear attention; pass decay=None with is_causal=False"
+      )
     out, state = _non_causal(q, k, v, initial_state, name)
   return (out, state) if return_final_state else out
 
@@ -281,14 +310,14 @@ def init_state(batch: int, num_heads: int, head_dim: int, value_dim: int):
 
 
 def decode_step(
-    state: Float[Array, "B N H Hv"],
-    q_t: Float[Array, "B N H"],
-    k_t: Float[Array, "B K H"],
-    v_t: Float[Array, "B K Hv"],
-    *,
-    decay: Float[Array, " N"] | None = None,
-    feature_map: str | Callable[[Array], Array] | None = None,
-    scale: float | None = None,
+  state: Float[Array, "B N H Hv"],
+  q_t: Float[Array, "B N H"],
+  k_t: Float[Array, "B K H"],
+  v_t: Float[Array, "B K Hv"],
+  *,
+  decay: Float[Array, " N"] | None = None,
+  feature_map: str | Callable[[Array], Array] | None = None,
+  scale: float | None = None,
 ) -> tuple[Float[Array, "B N Hv"], Float[Array, "B N H Hv"]]:
   """One causal token: S ← λ S + φ(k_t)ᵀ v_t, o_t = φ(q_t) S. Returns (o_t in q_t.dtype, S fp32).
 
@@ -316,10 +345,10 @@ def decode_step(
 
 
 FAMILY = registry.Family(
-    name=FAMILY_NAME,
-    attention=attention,
-    implementations=tuple(_CAUSAL),
-    paper="Lightning Attention-2 (arXiv 2401.04658)",
-    supports_mask=False,
-    decode_step=decode_step,
+  name=FAMILY_NAME,
+  attention=attention,
+  implementations=tuple(_CAUSAL),
+  paper="Lightning Attention-2 (arXiv 2401.04658)",
+  supports_mask=False,
+  decode_step=decode_step,
 )

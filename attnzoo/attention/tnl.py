@@ -57,13 +57,14 @@ def srms_norm(x: Float[Array, "... D"], eps: float = 1e-6) -> Float[Array, "... 
   """SRMSNorm(x) = x / sqrt(mean(x²) + eps) over the last axis, in fp32, cast back."""
   x32 = x.astype(jnp.float32)
   return (x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps))).astype(
-      x.dtype)
+    x.dtype
+  )
 
 
 def norm_attention_output(
-    out: Float[Array, "B T N Hv"],
-    gate: Float[Array, "B T D"] | None = None,
-    eps: float = 1e-6,
+  out: Float[Array, "B T N Hv"],
+  gate: Float[Array, "B T D"] | None = None,
+  eps: float = 1e-6,
 ) -> Float[Array, "B T D"]:
   """NormAttention's output: SRMSNorm over the merged heads (D = N·Hv), times the gate U."""
   b, t, n, vd = out.shape

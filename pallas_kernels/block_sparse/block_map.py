@@ -67,15 +67,15 @@ class BlockMap:
 
   @classmethod
   def from_block_mask(
-      cls,
-      block_mask: Any,
-      *,
-      block_q: int,
-      block_k: int,
-      seq_q: int,
-      seq_k: int,
-      max_kv_blocks: int | None = None,
-      max_q_blocks: int | None = None,
+    cls,
+    block_mask: Any,
+    *,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    max_kv_blocks: int | None = None,
+    max_q_blocks: int | None = None,
   ) -> BlockMap:
     """Builds the tables from a per-tile classification.
 
@@ -98,21 +98,31 @@ class BlockMap:
     if bm.ndim == 2:
       bm = bm[None, None]
     if bm.ndim != 4:
-      raise ValueError(
-          f"block_mask must have shape [Qb, Kb] or [Bm, Nm, Qb, Kb], got {bm.shape}")
+      raise ValueError(f"block_mask must have shape [Qb, Kb] or [Bm, Nm, Qb, Kb], got {bm.shape}")
     qb, kb = num_blocks(seq_q, block_q), num_blocks(seq_k, block_k)
     if bm.shape[-2:] != (qb, kb):
       raise ValueError(
-          f"block_mask has tile grid {bm.shape[-2:]}, but T={seq_q}, S={seq_k} with "
-          f"block_q={block_q}, block_k={block_k} need {(qb, kb)}")
+        f"block_mask has tile grid {bm.shape[-2:]}, but T={seq_q}, S={seq_k} with "
+        f"block_q={block_q}, block_k={block_k} need {(qb, kb)}"
+      )
     if max_kv_blocks is None:
       max_kv_blocks = kb if traced else max(1, int(np.max(np.sum(np.asarray(bm) > 0, -1))))
     if max_q_blocks is None:
       max_q_blocks = qb if traced else max(1, int(np.max(np.sum(np.asarray(bm) > 0, -2))))
     kv_idx, kv_cnt, kv_part = _compact(bm, max_kv_blocks, xp)
     q_idx, q_cnt, q_part = _compact(xp.swapaxes(bm, -1, -2), max_q_blocks, xp)
-    return cls(kv_idx, kv_cnt, kv_part, q_idx, q_cnt, q_part,
-               block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
+    return cls(
+      kv_idx,
+      kv_cnt,
+      kv_part,
+      q_idx,
+      q_cnt,
+      q_part,
+      block_q=block_q,
+      block_k=block_k,
+      seq_q=seq_q,
+      seq_k=seq_k,
+    )
 
   # ---------------------------------------------------------------- views
 
@@ -151,8 +161,9 @@ class BlockMap:
     bm, nm = self.kv_counts.shape[:2]
     if bm not in (1, batch) or nm not in (1, heads):
       raise ValueError(
-          f"BlockMap groups (Bm={bm}, Nm={nm}) do not broadcast to batch={batch}, "
-          f"query heads={heads}: build one map per batch element/head or a shared one")
+        f"BlockMap groups (Bm={bm}, Nm={nm}) do not broadcast to batch={batch}, "
+        f"query heads={heads}: build one map per batch element/head or a shared one"
+      )
     return self
 
 

@@ -68,7 +68,11 @@ def triton_compile(ttir: str, *, num_warps: int = 4, num_stages: int = 2) -> dic
     path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as f:
       f.write(ttir)
-    compiled = triton.compile(path, target=GPUTarget(*SM90),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-  return dict(ptx_chars=len(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]),
-              shared_bytes=compiled.metadata.shared)
+    compiled = triton.compile(
+      path, target=GPUTarget(*SM90), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
+  return dict(
+    ptx_chars=len(compiled.asm["ptx"]),
+    cubin_bytes=len(compiled.asm["cubin"]),
+    shared_bytes=compiled.metadata.shared,
+  )

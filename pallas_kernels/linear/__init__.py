@@ -8,5 +8,10 @@ reference.py holds the readable oracles (quadratic masked form and token recurre
 from pallas_kernels.linear.ops import BlockSizes, default_platform, linear_attention
 from pallas_kernels.linear.reference import linear_attention_recurrent, linear_attention_reference
 
-__all__ = ["BlockSizes", "default_platform", "linear_attention", "linear_attention_recurrent",
-           "linear_attention_reference"]
+__all__ = [
+  "BlockSizes",
+  "default_platform",
+  "linear_attention",
+  "linear_attention_recurrent",
+  "linear_attention_reference",
+]

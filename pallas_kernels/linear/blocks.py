@@ -48,7 +48,8 @@ def decay_factors(s, block_idx, *, block: int, seq_len: int):
   e_row = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, block), 1).astype(F32) + 1.0, n_valid)
   cum_col, cum_row, total = s * e_col, s * e_row, s * n_valid
   causal = lax.broadcasted_iota(jnp.int32, (block, block), 0) >= lax.broadcasted_iota(
-      jnp.int32, (block, block), 1)
+    jnp.int32, (block, block), 1
+  )
   intra = jnp.where(causal, jnp.exp(jnp.minimum(cum_col - cum_row, 0.0)), 0.0)
   return jnp.exp(cum_col), jnp.exp(total - cum_col), intra, jnp.exp(total)
 

@@ -46,16 +46,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_ref, *,
   def body(i, state):
     rows = pl.ds(pl.multiple_of(i * block, block), block)
     factors = blocks.decay_factors(s, i, block=block, seq_len=seq_len)
-    out, state = blocks.forward_block(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state,
-                                      factors)
+    out, state = blocks.forward_block(
+      q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, factors
+    )
     o_ref[rows, :] = out.astype(o_ref.dtype)
     return state
 
   state_ref[...] = lax.fori_loop(0, num_blocks, body, state0_ref[...].astype(jnp.float32))
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, d_state_ref,
-                     dq_ref, dk_ref, dv_ref, d_state0_ref, *, block, seq_len):
+def _backward_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  s_ref,
+  state0_ref,
+  d_state_ref,
+  dq_ref,
+  dk_ref,
+  dv_ref,
+  d_state0_ref,
+  *,
+  block,
+  seq_len,
+):
   s = s_ref[...]
   num_blocks = q_ref.shape[0] // block
 
@@ -73,8 +88,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, d_state_ref
     i = num_blocks - 1 - j
     rows = pl.ds(pl.multiple_of(i * block, block), block)
     factors = blocks.decay_factors(s, i, block=block, seq_len=seq_len)
-    dk, dv, d_state = blocks.dkv_block(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                       do_ref[rows, :], d_state, factors)
+    dk, dv, d_state = blocks.dkv_block(
+      q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], d_state, factors
+    )
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     return d_state
@@ -82,8 +98,20 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, d_state_ref
   d_state0_ref[...] = lax.fori_loop(0, num_blocks, dkv_body, d_state_ref[...])
 
 
-def forward(q, k, v, log_decay, state0, *, block, seq_len, block_v=None, interpret=False,
-            num_warps=4, num_stages=1):
+def forward(
+  q,
+  k,
+  v,
+  log_decay,
+  state0,
+  *,
+  block,
+  seq_len,
+  block_v=None,
+  interpret=False,
+  num_warps=4,
+  num_stages=1,
+):
   """Returns (out [B,N,T,V] q.dtype, final state [B,N,H,V] fp32).
 
   `block_v` splits the value dimension over a third grid axis, as the official kernel does:
@@ -104,20 +132,36 @@ def forward(q, k, v, log_decay, state0, *, block, seq_len, block_v=None, interpr
   state_spec = pl.BlockSpec((None, None, h, block_v), lambda b, n, j: (b, n, 0, j))
   decay_spec = pl.BlockSpec((None,), lambda b, n, j: (n,))
   return pl.pallas_call(
-      functools.partial(_forward_kernel, block=block, seq_len=seq_len),
-      grid=(b, n, vd // block_v),
-      in_specs=[q_spec, k_spec, v_spec, decay_spec, state_spec],
-      out_specs=[o_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, n, t, vd), q.dtype),
-                 jax.ShapeDtypeStruct((b, n, h, vd), jnp.float32)],
-      compiler_params=compat.triton_compiler_params(num_warps, num_stages),
-      interpret=interpret,
-      name="linear_attention_fwd",
+    functools.partial(_forward_kernel, block=block, seq_len=seq_len),
+    grid=(b, n, vd // block_v),
+    in_specs=[q_spec, k_spec, v_spec, decay_spec, state_spec],
+    out_specs=[o_spec, state_spec],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, n, t, vd), q.dtype),
+      jax.ShapeDtypeStruct((b, n, h, vd), jnp.float32),
+    ],
+    compiler_params=compat.triton_compiler_params(num_warps, num_stages),
+    interpret=interpret,
+    name="linear_attention_fwd",
   )(q, k, v, log_decay, state0)
 
 
-def backward(q, k, v, do, log_decay, state0, d_state, *, block, seq_len, block_v=None,
-             interpret=False, num_warps=4, num_stages=1):
+def backward(
+  q,
+  k,
+  v,
+  do,
+  log_decay,
+  state0,
+  d_state,
+  *,
+  block,
+  seq_len,
+  block_v=None,
+  interpret=False,
+  num_warps=4,
+  num_stages=1,
+):
   """Returns fp32 (dq [B,N,T,H], dk [B,N,T,H], dv [B,N,T,V], d_state0 [B,N,H,V]), per query head.
 
   dQ needs dO Vᵀ over the whole value dimension, so the backward keeps V whole (`block_v` is
@@ -127,17 +171,21 @@ def backward(q, k, v, do, log_decay, state0, d_state, *, block, seq_len, block_v
   b, n, t, h = q.shape
   vd = v.shape[3]
   q_spec, k_spec, v_spec, qv_spec, state_spec, decay_spec = _backward_specs(
-      q.shape, v.shape, n // k.shape[1])
+    q.shape, v.shape, n // k.shape[1]
+  )
   f32 = jnp.float32
   return pl.pallas_call(
-      functools.partial(_backward_kernel, block=block, seq_len=seq_len),
-      grid=(b, n),
-      in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec, state_spec],
-      out_specs=[q_spec, q_spec, qv_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, n, t, h), f32), jax.ShapeDtypeStruct((b, n, t, h), f32),
-                 jax.ShapeDtypeStruct((b, n, t, vd), f32),
-                 jax.ShapeDtypeStruct((b, n, h, vd), f32)],
-      compiler_params=compat.triton_compiler_params(num_warps, num_stages),
-      interpret=interpret,
-      name="linear_attention_bwd",
+    functools.partial(_backward_kernel, block=block, seq_len=seq_len),
+    grid=(b, n),
+    in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec, state_spec],
+    out_specs=[q_spec, q_spec, qv_spec, state_spec],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, n, t, h), f32),
+      jax.ShapeDtypeStruct((b, n, t, h), f32),
+      jax.ShapeDtypeStruct((b, n, t, vd), f32),
+      jax.ShapeDtypeStruct((b, n, h, vd), f32),
+    ],
+    compiler_params=compat.triton_compiler_params(num_warps, num_stages),
+    interpret=interpret,
+    name="linear_attention_bwd",
   )(q, k, v, do, log_decay, state0, d_state)

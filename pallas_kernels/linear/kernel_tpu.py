@@ -38,8 +38,9 @@ def _specs(q_shape, v_shape, groups, block, *, reverse):
   return q_spec, k_spec, v_spec, qv_spec, state_spec, decay_spec
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_out_ref, state_ref, *,
-                    block, seq_len):
+def _forward_kernel(
+  q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_out_ref, state_ref, *, block, seq_len
+):
   c = pl.program_id(2)
 
   @pl.when(c == 0)
@@ -47,8 +48,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_out_ref
     state_ref[...] = state0_ref[...].astype(jnp.float32)
 
   factors = blocks.decay_factors(s_ref[pl.program_id(1)], c, block=block, seq_len=seq_len)
-  out, state_ref[...] = blocks.forward_block(q_ref[...], k_ref[...], v_ref[...], state_ref[...],
-                                             factors)
+  out, state_ref[...] = blocks.forward_block(
+    q_ref[...], k_ref[...], v_ref[...], state_ref[...], factors
+  )
   o_ref[...] = out.astype(o_ref.dtype)
 
   @pl.when(c == pl.num_programs(2) - 1)
@@ -56,8 +58,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_out_ref
     state_out_ref[...] = state_ref[...]
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, dq_ref, state_ref, *, block,
-               seq_len):
+def _dq_kernel(
+  q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, dq_ref, state_ref, *, block, seq_len
+):
   c = pl.program_id(2)
 
   @pl.when(c == 0)
@@ -70,8 +73,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, state0_ref, dq_ref, state_ref
   _, state_ref[...] = blocks.forward_block(q_ref[...], k, v, state, factors)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, d_state_ref, dk_ref, dv_ref, d_state0_ref,
-                d_state_scratch, *, block, seq_len):
+def _dkv_kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  s_ref,
+  d_state_ref,
+  dk_ref,
+  dv_ref,
+  d_state0_ref,
+  d_state_scratch,
+  *,
+  block,
+  seq_len,
+):
   c = pl.program_id(2)
   num_blocks = pl.num_programs(2)
 
@@ -79,10 +95,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, d_state_ref, dk_ref, dv_ref,
   def _():
     d_state_scratch[...] = d_state_ref[...]
 
-  factors = blocks.decay_factors(s_ref[pl.program_id(1)], num_blocks - 1 - c, block=block,
-                                 seq_len=seq_len)
-  dk, dv, d_state_scratch[...] = blocks.dkv_block(q_ref[...], k_ref[...], v_ref[...],
-                                                  do_ref[...], d_state_scratch[...], factors)
+  factors = blocks.decay_factors(
+    s_ref[pl.program_id(1)], num_blocks - 1 - c, block=block, seq_len=seq_len
+  )
+  dk, dv, d_state_scratch[...] = blocks.dkv_block(
+    q_ref[...], k_ref[...], v_ref[...], do_ref[...], d_state_scratch[...], factors
+  )
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -91,30 +109,59 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, s_ref, d_state_ref, dk_ref, dv_ref,
     d_state0_ref[...] = d_state_scratch[...]
 
 
-def forward(q, k, v, log_decay, state0, *, block, seq_len, block_v=None, interpret=False,
-            num_warps=None, num_stages=None):
+def forward(
+  q,
+  k,
+  v,
+  log_decay,
+  state0,
+  *,
+  block,
+  seq_len,
+  block_v=None,
+  interpret=False,
+  num_warps=None,
+  num_stages=None,
+):
   """Returns (out [B,N,T,V] q.dtype, final state [B,N,H,V] fp32). GPU-only knobs are ignored."""
   del block_v, num_warps, num_stages
   b, n, t, h = q.shape
   vd = v.shape[3]
   q_spec, k_spec, v_spec, qv_spec, state_spec, decay_spec = _specs(
-      q.shape, v.shape, n // k.shape[1], block, reverse=False)
+    q.shape, v.shape, n // k.shape[1], block, reverse=False
+  )
   return pl.pallas_call(
-      functools.partial(_forward_kernel, block=block, seq_len=seq_len),
-      grid=(b, n, t // block),
-      in_specs=[q_spec, k_spec, v_spec, decay_spec, state_spec],
-      out_specs=[qv_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, n, t, vd), q.dtype),
-                 jax.ShapeDtypeStruct((b, n, h, vd), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((h, vd), jnp.float32)],
-      compiler_params=compat.tpu_compiler_params(_SEMANTICS),
-      interpret=interpret,
-      name="linear_attention_fwd",
+    functools.partial(_forward_kernel, block=block, seq_len=seq_len),
+    grid=(b, n, t // block),
+    in_specs=[q_spec, k_spec, v_spec, decay_spec, state_spec],
+    out_specs=[qv_spec, state_spec],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, n, t, vd), q.dtype),
+      jax.ShapeDtypeStruct((b, n, h, vd), jnp.float32),
+    ],
+    scratch_shapes=[pltpu.VMEM((h, vd), jnp.float32)],
+    compiler_params=compat.tpu_compiler_params(_SEMANTICS),
+    interpret=interpret,
+    name="linear_attention_fwd",
   )(q, k, v, log_decay, state0)
 
 
-def backward(q, k, v, do, log_decay, state0, d_state, *, block, seq_len, block_v=None,
-             interpret=False, num_warps=None, num_stages=None):
+def backward(
+  q,
+  k,
+  v,
+  do,
+  log_decay,
+  state0,
+  d_state,
+  *,
+  block,
+  seq_len,
+  block_v=None,
+  interpret=False,
+  num_warps=None,
+  num_stages=None,
+):
   """Returns fp32 (dq [B,N,T,H], dk [B,N,T,H], dv [B,N,T,V], d_state0 [B,N,H,V]), per query head."""
   del block_v, num_warps, num_stages
   b, n, t, h = q.shape
@@ -122,30 +169,35 @@ def backward(q, k, v, do, log_decay, state0, d_state, *, block, seq_len, block_v
   f32 = jnp.float32
   groups = n // k.shape[1]
   q_spec, k_spec, v_spec, qv_spec, state_spec, decay_spec = _specs(
-      q.shape, v.shape, groups, block, reverse=False)
+    q.shape, v.shape, groups, block, reverse=False
+  )
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block=block, seq_len=seq_len),
-      grid=(b, n, t // block),
-      in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct((b, n, t, h), f32),
-      scratch_shapes=[pltpu.VMEM((h, vd), f32)],
-      compiler_params=compat.tpu_compiler_params(_SEMANTICS),
-      interpret=interpret,
-      name="linear_attention_bwd_dq",
+    functools.partial(_dq_kernel, block=block, seq_len=seq_len),
+    grid=(b, n, t // block),
+    in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec],
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct((b, n, t, h), f32),
+    scratch_shapes=[pltpu.VMEM((h, vd), f32)],
+    compiler_params=compat.tpu_compiler_params(_SEMANTICS),
+    interpret=interpret,
+    name="linear_attention_bwd_dq",
   )(q, k, v, do, log_decay, state0)
   q_spec, k_spec, v_spec, qv_spec, state_spec, decay_spec = _specs(
-      q.shape, v.shape, groups, block, reverse=True)
+    q.shape, v.shape, groups, block, reverse=True
+  )
   dk, dv, d_state0 = pl.pallas_call(
-      functools.partial(_dkv_kernel, block=block, seq_len=seq_len),
-      grid=(b, n, t // block),
-      in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec],
-      out_specs=[q_spec, qv_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, n, t, h), f32), jax.ShapeDtypeStruct((b, n, t, vd), f32),
-                 jax.ShapeDtypeStruct((b, n, h, vd), f32)],
-      scratch_shapes=[pltpu.VMEM((h, vd), f32)],
-      compiler_params=compat.tpu_compiler_params(_SEMANTICS),
-      interpret=interpret,
-      name="linear_attention_bwd_dkv",
+    functools.partial(_dkv_kernel, block=block, seq_len=seq_len),
+    grid=(b, n, t // block),
+    in_specs=[q_spec, k_spec, v_spec, qv_spec, decay_spec, state_spec],
+    out_specs=[q_spec, qv_spec, state_spec],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, n, t, h), f32),
+      jax.ShapeDtypeStruct((b, n, t, vd), f32),
+      jax.ShapeDtypeStruct((b, n, h, vd), f32),
+    ],
+    scratch_shapes=[pltpu.VMEM((h, vd), f32)],
+    compiler_params=compat.tpu_compiler_params(_SEMANTICS),
+    interpret=interpret,
+    name="linear_attention_bwd_dkv",
   )(q, k, v, do, log_decay, d_state)
   return dq, dk, dv, d_state0

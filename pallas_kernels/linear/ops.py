@@ -62,8 +62,14 @@ class _Config:
 
   def kernel_kwargs(self):
     bs = self.block_sizes
-    return dict(block=bs.block, seq_len=self.seq_len, block_v=bs.block_v, interpret=self.interpret,
-                num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return dict(
+      block=bs.block,
+      seq_len=self.seq_len,
+      block_v=bs.block_v,
+      interpret=self.interpret,
+      num_warps=bs.num_warps,
+      num_stages=bs.num_stages,
+    )
 
 
 def _kernel(config: _Config):
@@ -84,8 +90,15 @@ def _core_bwd(config, residuals, cotangents):
   q, k, v, log_decay, state0, state = residuals
   do, d_state = cotangents
   dq, dk_n, dv_n, d_state0 = _kernel(config).backward(
-      q, k, v, do.astype(q.dtype), log_decay, state0, d_state.astype(jnp.float32),
-      **config.kernel_kwargs())
+    q,
+    k,
+    v,
+    do.astype(q.dtype),
+    log_decay,
+    state0,
+    d_state.astype(jnp.float32),
+    **config.kernel_kwargs(),
+  )
   b, n, t, h = q.shape
   kh = k.shape[1]
   g = n // kh
@@ -95,10 +108,16 @@ def _core_bwd(config, residuals, cotangents):
   pos_t = jnp.arange(1, t + 1, dtype=jnp.float32)
   q_dq_bnt = jnp.einsum("bnth,bnth->bnt", q.astype(jnp.float32), dq)
   k_dk_bkgt = jnp.einsum("bkth,bkgth->bkgt", k.astype(jnp.float32), dk_bkgth)
-  d_log_decay = (jnp.einsum("bnt,t->n", q_dq_bnt - k_dk_bkgt.reshape(b, n, t), pos_t)
-                 + config.seq_len * jnp.einsum("bnhv,bnhv->n", state, d_state))
-  return (dq.astype(q.dtype), dk_bkgth.sum(2).astype(k.dtype), dv_bkgtv.sum(2).astype(v.dtype),
-          d_log_decay.astype(log_decay.dtype), d_state0.astype(state0.dtype))
+  d_log_decay = jnp.einsum(
+    "bnt,t->n", q_dq_bnt - k_dk_bkgt.reshape(b, n, t), pos_t
+  ) + config.seq_len * jnp.einsum("bnhv,bnhv->n", state, d_state)
+  return (
+    dq.astype(q.dtype),
+    dk_bkgth.sum(2).astype(k.dtype),
+    dv_bkgtv.sum(2).astype(v.dtype),
+    d_log_decay.astype(log_decay.dtype),
+    d_state0.astype(state0.dtype),
+  )
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -109,9 +128,17 @@ def default_platform() -> str:
   return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
-def linear_attention(q, k, v, *, log_decay=None, initial_state=None,
-                     block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
-                     platform: str | None = None):
+def linear_attention(
+  q,
+  k,
+  v,
+  *,
+  log_decay=None,
+  initial_state=None,
+  block_sizes: BlockSizes = BlockSizes(),
+  interpret: bool = False,
+  platform: str | None = None,
+):
   """Causal decayed linear attention with the tiled Pallas kernel (see module docstring).
 
   Args:
@@ -131,15 +158,21 @@ def linear_attention(q, k, v, *, log_decay=None, initial_state=None,
   b, t, n, h = q.shape
   split_heads(q, k)
   if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != h:
-    raise ValueError(f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not match the layout "
-                     "q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] (causal: S == T)")
+    raise ValueError(
+      f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not match the layout "
+      "q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] (causal: S == T)"
+    )
   vd = v.shape[3]
-  log_decay = (jnp.zeros((n,), jnp.float32) if log_decay is None
-               else jnp.asarray(log_decay, jnp.float32))
+  log_decay = (
+    jnp.zeros((n,), jnp.float32) if log_decay is None else jnp.asarray(log_decay, jnp.float32)
+  )
   if log_decay.shape != (n,):
     raise ValueError(f"log_decay has shape {log_decay.shape}; expected ({n},)")
-  state0 = (jnp.zeros((b, n, h, vd), jnp.float32) if initial_state is None
-            else initial_state.astype(jnp.float32))
+  state0 = (
+    jnp.zeros((b, n, h, vd), jnp.float32)
+    if initial_state is None
+    else initial_state.astype(jnp.float32)
+  )
   if state0.shape != (b, n, h, vd):
     raise ValueError(f"initial_state has shape {state0.shape}; expected {(b, n, h, vd)}")
   block = block_sizes.block
@@ -147,14 +180,15 @@ def linear_attention(q, k, v, *, log_decay=None, initial_state=None,
     dims = dict(block=block, H=h, block_v=block_sizes.block_v or vd)
     bad = {name: d for name, d in dims.items() if d < 16 or d & (d - 1)}
     if bad:
-      raise ValueError(f"the Triton kernel needs powers of two >= 16 for {bad}; pick another "
-                       "block_sizes, or pad the head dims")
+      raise ValueError(
+        f"the Triton kernel needs powers of two >= 16 for {bad}; pick another "
+        "block_sizes, or pad the head dims"
+      )
   pad = -t % block
 
   def to_kernel(x):
     return jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
 
-  config = _Config(seq_len=t, block_sizes=block_sizes, interpret=bool(interpret),
-                   platform=platform)
+  config = _Config(seq_len=t, block_sizes=block_sizes, interpret=bool(interpret), platform=platform)
   out, state = _core(to_kernel(q), to_kernel(k), to_kernel(v), log_decay, state0, config)
   return jnp.moveaxis(out, 2, 1)[:, :t], state

@@ -37,8 +37,9 @@ def _log_decay_kg(log_decay, num_heads: int, groups: int):
     return jnp.zeros((num_heads // groups, groups), jnp.float32)
   log_decay = jnp.asarray(log_decay, jnp.float32)
   if log_decay.shape != (num_heads,):
-    raise ValueError(f"log_decay has shape {log_decay.shape}; expected ({num_heads},), one per "
-                     "query head")
+    raise ValueError(
+      f"log_decay has shape {log_decay.shape}; expected ({num_heads},), one per query head"
+    )
   return log_decay.reshape(num_heads // groups, groups)
 
 
@@ -68,24 +69,25 @@ def linear_attention_reference(q, k, v, log_decay=None, initial_state=None, *, c
     diff_ts = pos[:, None] - pos[None, :]
     keep_ts = diff_ts >= 0
     # Clamp before exp: the masked upper triangle would otherwise overflow for strong decay.
-    decay_kgts = jnp.where(keep_ts[None, None],
-                           jnp.exp(s_kg[..., None, None] * jnp.maximum(diff_ts, 0)[None, None]),
-                           0.0)
+    decay_kgts = jnp.where(
+      keep_ts[None, None], jnp.exp(s_kg[..., None, None] * jnp.maximum(diff_ts, 0)[None, None]), 0.0
+    )
     out = jnp.einsum("bkgts,bskv->btkgv", scores_bkgts * decay_kgts[None], v32)
     q_decay_kgt = jnp.exp(s_kg[..., None] * (pos + 1)[None, None])
     out += jnp.einsum("btkgh,kgt,bkghv->btkgv", q_btkgh, q_decay_kgt, state_bkghv)
     k_decay_kgs = jnp.exp(s_kg[..., None] * (t - 1 - pos)[None, None])
     final = jnp.exp(s_kg * t)[None, ..., None, None] * state_bkghv + jnp.einsum(
-        "bskh,kgs,bskv->bkghv", k32, k_decay_kgs, v32)
+      "bskh,kgs,bskv->bkghv", k32, k_decay_kgs, v32
+    )
   else:
     if log_decay is not None:
-      raise ValueError("decay is only defined for causal linear attention; pass decay=None "
-                       "with is_causal=False")
+      raise ValueError(
+        "decay is only defined for causal linear attention; pass decay=None with is_causal=False"
+      )
     out = jnp.einsum("bkgts,bskv->btkgv", scores_bkgts, v32)
     out += jnp.einsum("btkgh,bkghv->btkgv", q_btkgh, state_bkghv)
     final = state_bkghv + jnp.einsum("bskh,bskv->bkhv", k32, v32)[:, :, None]
-  return (out.reshape(b, t, n, v.shape[3]).astype(q.dtype),
-          final.reshape(b, n, h, v.shape[3]))
+  return (out.reshape(b, t, n, v.shape[3]).astype(q.dtype), final.reshape(b, n, h, v.shape[3]))
 
 
 def linear_attention_recurrent(q, k, v, log_decay=None, initial_state=None):
@@ -104,12 +106,17 @@ def linear_attention_recurrent(q, k, v, log_decay=None, initial_state=None):
 
   def step(state_bkghv, xs):
     q_bkgh, k_bkh, v_bkv = xs
-    state_bkghv = (lam_kg[None, :, :, None, None] * state_bkghv
-                   + jnp.einsum("bkh,bkv->bkhv", k_bkh, v_bkv)[:, :, None])
+    state_bkghv = (
+      lam_kg[None, :, :, None, None] * state_bkghv
+      + jnp.einsum("bkh,bkv->bkhv", k_bkh, v_bkv)[:, :, None]
+    )
     return state_bkghv, jnp.einsum("bkgh,bkghv->bkgv", q_bkgh, state_bkghv)
 
-  xs = (jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kh, g, h), 1, 0),
-        jnp.moveaxis(k.astype(jnp.float32), 1, 0), jnp.moveaxis(v.astype(jnp.float32), 1, 0))
+  xs = (
+    jnp.moveaxis(q.astype(jnp.float32).reshape(b, t, kh, g, h), 1, 0),
+    jnp.moveaxis(k.astype(jnp.float32), 1, 0),
+    jnp.moveaxis(v.astype(jnp.float32), 1, 0),
+  )
   final, out_tbkgv = lax.scan(step, state.reshape(b, kh, g, h, vd), xs)
   out = jnp.moveaxis(out_tbkgv, 0, 1).reshape(b, t, n, vd)
   return out.astype(q.dtype), final.reshape(b, n, h, vd)

@@ -8,8 +8,15 @@ from attnzoo.accounting import PRESETS, AttentionSpec, decode_cost
 
 def test_mha_by_hand():
   # 2 layers x 10 tokens x 4 heads x (8 + 8) elements x 2 bytes; FLOPs 2 * 2 * 4 * 10 * 16.
-  spec = AttentionSpec("mha", num_layers=2, num_q_heads=4, num_kv_heads=4, qk_head_dim=8,
-                       v_head_dim=8, bytes_per_element=2)
+  spec = AttentionSpec(
+    "mha",
+    num_layers=2,
+    num_q_heads=4,
+    num_kv_heads=4,
+    qk_head_dim=8,
+    v_head_dim=8,
+    bytes_per_element=2,
+  )
   cost = decode_cost(spec, 10)
   assert (cost.kv_cache_bytes, cost.attention_flops) == (2560.0, 2560.0)
   np.testing.assert_allclose(cost.arithmetic_intensity, 1.0)
@@ -26,8 +33,9 @@ def test_gqa_divides_cache_by_group_size_and_keeps_flops():
 
 def test_shared_latent_cache_counts_the_latent_once():
   # MLA-style: one cached latent of 6 elements serves K (width 6) and V (width 4).
-  mla = AttentionSpec("mla", num_layers=1, num_q_heads=4, num_kv_heads=1, qk_head_dim=6,
-                      v_head_dim=4, shared_kv_dim=6)
+  mla = AttentionSpec(
+    "mla", num_layers=1, num_q_heads=4, num_kv_heads=1, qk_head_dim=6, v_head_dim=4, shared_kv_dim=6
+  )
   cost = decode_cost(mla, 7)
   assert cost.kv_cache_bytes == 7 * 6
   assert cost.attention_flops == 2 * 4 * 7 * (6 + 4)
@@ -45,11 +53,14 @@ def test_effective_rank():
   assert AttentionSpec("x", 1, 64, 1, 256, 256).effective_rank == 64 * 256
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_q_heads=6, num_kv_heads=4), "num_q_heads=6"),
     (dict(num_layers=0), "num_layers=0"),
     (dict(bytes_per_element=0), "bytes_per_element=0"),
-])
+  ],
+)
 def test_bad_spec_raises(kwargs, match):
   base = dict(name="x", num_layers=1, num_q_heads=4, num_kv_heads=2, qk_head_dim=8, v_head_dim=8)
   with pytest.raises(ValueError, match=match):

@@ -14,7 +14,15 @@ def _windows(keep):
 def test_axis_keep_shifts_windows_inward_at_borders():
   # n=8, w=3: centre = clip(x, 1, 6); every query keeps exactly 3 keys.
   assert _windows(axis_keep(8, 3)) == [
-      (0, 2, 3), (0, 2, 3), (1, 3, 3), (2, 4, 3), (3, 5, 3), (4, 6, 3), (5, 7, 3), (5, 7, 3)]
+    (0, 2, 3),
+    (0, 2, 3),
+    (1, 3, 3),
+    (2, 4, 3),
+    (3, 5, 3),
+    (4, 6, 3),
+    (5, 7, 3),
+    (5, 7, 3),
+  ]
 
 
 def test_axis_keep_even_window_and_stride_are_right_biased():
@@ -34,7 +42,12 @@ def test_axis_keep_dilation_applies_the_rule_inside_each_group():
   keep = axis_keep(8, 2, dilation=2)
   # Group {0,2,4,6}: local windows [0,1],[0,1],[1,2],[2,3] -> positions below.
   assert [tuple(np.flatnonzero(keep[x])) for x in (0, 2, 4, 6, 1)] == [
-      (0, 2), (0, 2), (2, 4), (4, 6), (1, 3)]
+    (0, 2),
+    (0, 2),
+    (2, 4),
+    (4, 6),
+    (1, 3),
+  ]
 
 
 def test_one_dimensional_counts_by_hand():
@@ -102,13 +115,16 @@ def test_amdahl_by_hand():
   np.testing.assert_allclose(r.e2e_speedup, 1 / (0.5 + 0.5 / 3))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(spatial_shape=(8,), window=3, stride=4), "stride=4"),
     (dict(spatial_shape=(8,), window=9), "window=9"),
     (dict(spatial_shape=(8, 8), window=(3, 3, 3)), "window="),
     (dict(spatial_shape=(8,), window=3, kv_tiling="ragged"), "kv_tiling"),
     (dict(spatial_shape=(8,), window=3, q_tile=0), "q_tile"),
-])
+  ],
+)
 def test_bad_arguments_raise_value_error_naming_the_value(kwargs, match):
   with pytest.raises(ValueError, match=match):
     simulated_speedup(**kwargs)
@@ -126,9 +142,17 @@ def _neighborhood():
   return masks.Neighborhood
 
 
-@pytest.mark.parametrize("n, w, s, d, c", [
-    (9, 3, 1, 1, False), (10, 4, 2, 1, False), (8, 3, 2, 1, True), (12, 4, 4, 1, False),
-    (10, 2, 1, 2, False), (11, 3, 2, 3, True)])
+@pytest.mark.parametrize(
+  "n, w, s, d, c",
+  [
+    (9, 3, 1, 1, False),
+    (10, 4, 2, 1, False),
+    (8, 3, 2, 1, True),
+    (12, 4, 4, 1, False),
+    (10, 2, 1, 2, False),
+    (11, 3, 2, 3, True),
+  ],
+)
 def test_axis_keep_matches_the_neighborhood_mask(n, w, s, d, c):
   mask = _neighborhood()(shape=(n,), window=(w,), stride=(s,), dilation=(d,), causal=(c,))
   np.testing.assert_array_equal(mask.dense(n, n), axis_keep(n, w, s, d, c))

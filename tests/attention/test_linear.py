@@ -37,8 +37,9 @@ DECAY4 = jnp.log(jnp.asarray([0.99, 0.9, 0.5, 0.05], jnp.float32))
 
 def _run(implementation, q, k, v, state0=None, **kw):
   kw.setdefault("block_size", 16)
-  return linear.attention(q, k, v, initial_state=state0, return_final_state=True,
-                          implementation=implementation, **kw)
+  return linear.attention(
+    q, k, v, initial_state=state0, return_final_state=True, implementation=implementation, **kw
+  )
 
 
 def _loss_grads(implementation, q, k, v, state0, decay, **kw):
@@ -78,8 +79,7 @@ def test_gradients_match_quadratic_reference(implementation):
   kw = dict(feature_map="elu1", scale=0.25)  # scale: see test_matches_quadratic_reference
   grads_ref = _loss_grads("xla", q, k, v, state0, DECAY4, **kw)
   grads = _loss_grads(implementation, q, k, v, state0, DECAY4, **kw)
-  for name, g, g_ref in zip(("dq", "dk", "dv", "ddecay", "dstate0"), grads, grads_ref,
-                             strict=True):
+  for name, g, g_ref in zip(("dq", "dk", "dv", "ddecay", "dstate0"), grads, grads_ref, strict=True):
     # d decay sums Σ_t (t+1)(...) over all tokens: an O(T)-weighted sum of O(1) terms, so its
     # absolute scale is ~T·|dq|; compare it relative to its own magnitude.
     scale = float(np.max(np.abs(g_ref))) if name == "ddecay" else 1.0
@@ -88,9 +88,13 @@ def test_gradients_match_quadratic_reference(implementation):
 
 @pytest.mark.slow
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(t=st.integers(1, 70), block=st.sampled_from([8, 16, 32]),
-                  groups=st.sampled_from([1, 2, 4]), with_decay=st.booleans(),
-                  with_state=st.booleans())
+@hypothesis.given(
+  t=st.integers(1, 70),
+  block=st.sampled_from([8, 16, 32]),
+  groups=st.sampled_from([1, 2, 4]),
+  with_decay=st.booleans(),
+  with_state=st.booleans(),
+)
 def test_chunked_matches_reference_property(t, block, groups, with_decay, with_state):
   q, k, v, state0 = _inputs(t, t=t, n=4, kh=4 // groups, h=8, vd=8)
   state0 = state0 if with_state else None
@@ -107,8 +111,7 @@ def test_state_carry_equals_one_pass(implementation):
   out_full, state_full = _run(implementation, q, k, v, state0, decay=DECAY4)
   cut = 21  # neither part a multiple of the block
   out_a, state_a = _run(implementation, q[:, :cut], k[:, :cut], v[:, :cut], state0, decay=DECAY4)
-  out_b, state_b = _run(implementation, q[:, cut:], k[:, cut:], v[:, cut:], state_a,
-                        decay=DECAY4)
+  out_b, state_b = _run(implementation, q[:, cut:], k[:, cut:], v[:, cut:], state_a, decay=DECAY4)
   tolerances.assert_close(jnp.concatenate([out_a, out_b], 1), out_full)
   tolerances.assert_close(state_b, state_full)
 
@@ -118,8 +121,9 @@ def test_decode_steps_equal_attention():
   state = linear.init_state(1, 4, 16, 8)
   outs = []
   for i in range(q.shape[1]):
-    out_t, state = linear.decode_step(state, q[:, i], k[:, i], v[:, i], decay=DECAY4,
-                                      feature_map="elu1")
+    out_t, state = linear.decode_step(
+      state, q[:, i], k[:, i], v[:, i], decay=DECAY4, feature_map="elu1"
+    )
     outs.append(out_t)
   out_ref, state_ref = _run("xla", q, k, v, decay=DECAY4, feature_map="elu1")
   tolerances.assert_close(jnp.stack(outs, 1), out_ref)
@@ -192,7 +196,9 @@ def test_rejects_softmax_only_kwargs(kwarg):
     linear.attention(q, k, v, **{kwarg: jnp.ones((8, 8), bool)})
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(decay=jnp.asarray([0.1, -0.1, -0.1, -0.1])), "<= 0"),
     (dict(decay=jnp.asarray([-jnp.inf, -0.1, -0.1, -0.1])), "finite"),
     (dict(decay=jnp.zeros((3,))), r"expected \(4,\)"),
@@ -201,7 +207,8 @@ def test_rejects_softmax_only_kwargs(kwarg):
     (dict(block_size=12), "block_size"),
     (dict(is_causal=False, decay=DECAY4), "only defined for causal"),
     (dict(initial_state=jnp.zeros((1, 4, 16, 9))), "initial_state"),
-])
+  ],
+)
 def test_rejects_bad_arguments(kwargs, match):
   q, k, v, _ = _inputs(10, t=8)
   with pytest.raises(ValueError, match=match):
@@ -222,8 +229,9 @@ def test_rejects_bad_shapes():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("implementation, log_lambda",
-                         [("chunked", -30.0), ("chunked", -1e4), ("pallas", -1e4)])
+@pytest.mark.parametrize(
+  "implementation, log_lambda", [("chunked", -30.0), ("chunked", -1e4), ("pallas", -1e4)]
+)
 def test_strong_decay_is_finite_and_local(implementation, log_lambda):
   """λ -> 0: o_t -> (q_t·k_t) v_t; no 0·inf anywhere, forward or backward."""
   q, k, v, state0 = _inputs(12, t=40)
@@ -272,10 +280,10 @@ def test_long_sequence_chunked_matches_recurrence(dtype):
 
 def test_tnl_slopes_follow_official_code():
   # H = 8: ALiBi slopes 2^{-(h+1)}; first layer factor 1 + 1e-5, last layer 1e-5.
-  np.testing.assert_allclose(tnl.tnl_slopes(8, 0, 4), -(2.0 ** -np.arange(1, 9)) * (1 + 1e-5),
-                             rtol=1e-6)
-  np.testing.assert_allclose(tnl.tnl_slopes(8, 3, 4), -(2.0 ** -np.arange(1, 9)) * 1e-5,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    tnl.tnl_slopes(8, 0, 4), -(2.0 ** -np.arange(1, 9)) * (1 + 1e-5), rtol=1e-6
+  )
+  np.testing.assert_allclose(tnl.tnl_slopes(8, 3, 4), -(2.0 ** -np.arange(1, 9)) * 1e-5, rtol=1e-5)
   # H = 6 (not a power of two): 4 slopes of H=4, then every other slope of H=8.
   np.testing.assert_allclose(tnl.alibi_slopes(6), [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
   with pytest.raises(ValueError, match="layer_idx"):

@@ -11,8 +11,9 @@ from experiments.tables import speed_memory
 
 def test_analytic_tables_and_tiny_speed_memory_write_their_files(tmp_path):
   lines = []
-  summaries = reproduce.reproduce(["decode_cost", "gna_sim", "speed_memory"], str(tmp_path),
-                                  "smoke", log=lines.append)
+  summaries = reproduce.reproduce(
+    ["decode_cost", "gna_sim", "speed_memory"], str(tmp_path), "smoke", log=lines.append
+  )
   assert len(lines) == 3
   for name in ("decode_cost", "gna_sim", "speed_memory"):
     md = (tmp_path / f"{name}.md").read_text()
@@ -21,8 +22,11 @@ def test_analytic_tables_and_tiny_speed_memory_write_their_files(tmp_path):
   assert (tmp_path / "gna_sim.png").stat().st_size > 0
   assert (tmp_path / "speed_memory.png").stat().st_size > 0
   # Exact tables carry a mark on every row.
-  rows = [r for r in (tmp_path / "decode_cost.md").read_text().splitlines()
-          if r.startswith("| ") and "paper" not in r]
+  rows = [
+    r
+    for r in (tmp_path / "decode_cost.md").read_text().splitlines()
+    if r.startswith("| ") and "paper" not in r
+  ]
   assert rows and all(("✓" in r) != ("✗" in r) for r in rows)
   doc = json.loads((tmp_path / "speed_memory.json").read_text())
   ok = [p for p in doc["points"] if p["status"] == "ok"]
@@ -49,14 +53,23 @@ def test_growth_exponent_recovers_a_power_law():
 
 
 def _point(T, rss_cap_gib=4.0):
-  return dict(case="softmax/xla:full", T=T, dtype="float32", B=1, N=1, H=8, repeats=1,
-              backward=False, rss_cap_gib=rss_cap_gib, check_len=0)
+  return dict(
+    case="softmax/xla:full",
+    T=T,
+    dtype="float32",
+    B=1,
+    N=1,
+    H=8,
+    repeats=1,
+    backward=False,
+    rss_cap_gib=rss_cap_gib,
+    check_len=0,
+  )
 
 
 def test_xla_planned_memory_over_the_cap_is_marked_oom_and_stops_the_series():
   # 2 x 512 x 512 f32 logits need ~2 MiB of temporaries, far above a 1 KiB cap.
-  res = benchmark.run_series([_point(512, 1e-6), _point(1024, 1e-6)], isolate=False,
-                             timeout_s=60)
+  res = benchmark.run_series([_point(512, 1e-6), _point(1024, 1e-6)], isolate=False, timeout_s=60)
   assert [r["status"] for r in res] == ["oom", "skipped"]
   assert "XLA plans" in res[0]["reason"]
 
@@ -69,8 +82,7 @@ def test_watchdog_kills_a_child_over_the_rss_cap():
 
 
 def test_ratios_against_baseline_peer_and_roofline():
-  base = dict(case=benchmark.BASELINE, T=8, dtype="float32", B=1, N=1, H=4, status="ok",
-              fwd_ms=4.0)
+  base = dict(case=benchmark.BASELINE, T=8, dtype="float32", B=1, N=1, H=4, status="ok", fwd_ms=4.0)
   chunked = {**base, "case": "softmax/chunked:full", "fwd_ms": 2.0}
   peer = {**base, "case": "peer:jax.nn:full", "fwd_ms": 8.0}
   doc = dict(points=[base, chunked, peer], roofline={"float32": dict(gflops=1e-3)})
@@ -80,7 +92,6 @@ def test_ratios_against_baseline_peer_and_roofline():
   # 4 * 8 * 8 * 4 FLOPs in 2 ms = 0.512 MFLOP/s, over a 1 MFLOP/s roofline.
   np.testing.assert_allclose(chunked["fwd_roofline_fraction"], 0.512)
   assert "fwd_vs_peer" not in peer
-
 
 
 def test_isolated_child_reports_its_own_peak_memory():

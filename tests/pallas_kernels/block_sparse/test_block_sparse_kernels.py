@@ -37,13 +37,15 @@ def _out_and_grads(fn, q, k, v, d_out):
 
 def check(backend, block_map, q, k, v, d_out, **options):
   """Kernel (jit, one compile for out + grads) vs the fp32 reference and its autodiff."""
-  kernel = functools.partial(block_sparse_attention, block_map=block_map, interpret=True,
-                             backend=backend, **options)
+  kernel = functools.partial(
+    block_sparse_attention, block_map=block_map, interpret=True, backend=backend, **options
+  )
   got, got_grads = jax.jit(functools.partial(_out_and_grads, kernel))(q, k, v, d_out)
   f32 = lambda x: x.astype(jnp.float32)
   reference = functools.partial(reference_attention, block_map=block_map, **options)
   want, want_grads = jax.jit(functools.partial(_out_and_grads, reference))(
-      f32(q), f32(k), f32(v), f32(d_out))
+    f32(q), f32(k), f32(v), f32(d_out)
+  )
   assert got.dtype == q.dtype
   assert_close(got, want, q.dtype, err_msg="out")
   for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
@@ -85,8 +87,7 @@ def test_ragged_full_map_drops_out_of_range_keys(backend):
   # No mask_fn: a FULL last tile must still drop the padded keys 50..63.
   T, S = 32, 50
   q, k, v, g = _qkv(1, T, S, 2, 1, 16)
-  block_map = BlockMap.from_block_mask(np.full((1, 2), 2), block_q=32, block_k=32,
-                                       seq_q=T, seq_k=S)
+  block_map = BlockMap.from_block_mask(np.full((1, 2), 2), block_q=32, block_k=32, seq_q=T, seq_k=S)
   check(backend, block_map, q, k, v, g)
 
 
@@ -95,8 +96,18 @@ def test_segment_ids_and_soft_cap(backend):
   q, k, v, g = _qkv(2, 64, 64, 2, 1, 16)
   segment_ids = jnp.asarray([[0] * 20 + [1] * 30 + [2] * 14, [0] * 64])
   mask = masks.Causal()
-  check(backend, mask.block_map(64, 64, 32, 32), q * 3, k, v, g, mask_fn=mask.predicate,
-        segment_ids=segment_ids, logits_soft_cap=5.0, scale=0.5)
+  check(
+    backend,
+    mask.block_map(64, 64, 32, 32),
+    q * 3,
+    k,
+    v,
+    g,
+    mask_fn=mask.predicate,
+    segment_ids=segment_ids,
+    logits_soft_cap=5.0,
+    scale=0.5,
+  )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,8 +116,7 @@ def test_cross_segment_ids_pair(backend):
   q, k, v, g = _qkv(1, T, S, 2, 2, 16)
   q_ids = jnp.asarray([[0] * 16 + [1] * 16])
   kv_ids = jnp.asarray([[1] * 20 + [0] * 28])
-  block_map = BlockMap.from_block_mask(np.full((1, 2), 2), block_q=32, block_k=32,
-                                       seq_q=T, seq_k=S)
+  block_map = BlockMap.from_block_mask(np.full((1, 2), 2), block_q=32, block_k=32, seq_q=T, seq_k=S)
   check(backend, block_map, q, k, v, g, segment_ids=(q_ids, kv_ids))
 
 
@@ -148,12 +158,12 @@ def test_per_head_traced_maps_inside_jit(backend):
   tiles = tiles.at[0, 1].set(0).at[1, 0, :, 0].set(1)  # an all-empty head; PARTIAL flags
   # `tiles` is a jit argument, so the tables are traced (static width Kb) as for top-k maps.
   got, got_grads = jax.jit(
-      lambda q, k, v, g, tiles: _out_and_grads(lambda q, k, v: attend(q, k, v, tiles), q, k, v, g)
+    lambda q, k, v, g, tiles: _out_and_grads(lambda q, k, v: attend(q, k, v, tiles), q, k, v, g)
   )(q, k, v, g, tiles)
-  static_map = BlockMap.from_block_mask(np.asarray(tiles), block_q=16, block_k=32,
-                                        seq_q=T, seq_k=T)
+  static_map = BlockMap.from_block_mask(np.asarray(tiles), block_q=16, block_k=32, seq_q=T, seq_k=T)
   want, want_grads = _out_and_grads(
-      lambda q, k, v: reference_attention(q, k, v, static_map), q, k, v, g)
+    lambda q, k, v: reference_attention(q, k, v, static_map), q, k, v, g
+  )
   assert_close(got, want)
   for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
     assert_close(got_grad, want_grad, grad=True)
@@ -162,8 +172,13 @@ def test_per_head_traced_maps_inside_jit(backend):
 def test_gqa_equals_mha_with_repeated_kv_heads():
   q, k, v, _ = _qkv(1, 48, 40, 4, 2, 16)
   mask = masks.SlidingWindow(10, 3)
-  attend = functools.partial(block_sparse_attention, block_map=mask.block_map(48, 40, 16, 16),
-                             mask_fn=mask.predicate, interpret=True, backend="gpu")
+  attend = functools.partial(
+    block_sparse_attention,
+    block_map=mask.block_map(48, 40, 16, 16),
+    mask_fn=mask.predicate,
+    interpret=True,
+    backend="gpu",
+  )
   repeat = lambda x: jnp.repeat(x, 2, axis=2)
   assert_close(attend(q, k, v), attend(q, repeat(k), repeat(v)))
 
@@ -173,15 +188,15 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 def _mask_cases():
   return {
-      "chunked": masks.Chunked(24),
-      "blocked": masks.Blocked(20, 20),
-      "global_or_window": masks.GlobalTokens(3) | masks.SlidingWindow(6, 6),
-      "sinks_or_window_and_causal": (masks.SlidingWindow(20) & masks.Causal())
-      | masks.AttentionSinks(2),
-      "neighborhood_2d": masks.Neighborhood((6, 8), window=(3, 5)),
-      "neighborhood_causal": masks.Neighborhood((48,), window=7, causal=True),
-      # FULL/EMPTY tiles only at its own block size: the kernel never needs the predicate.
-      "random_blocks": masks.RandomBlocks(0.5, 16, 16, seed=1, seq_q=48, seq_k=48),
+    "chunked": masks.Chunked(24),
+    "blocked": masks.Blocked(20, 20),
+    "global_or_window": masks.GlobalTokens(3) | masks.SlidingWindow(6, 6),
+    "sinks_or_window_and_causal": (masks.SlidingWindow(20) & masks.Causal())
+    | masks.AttentionSinks(2),
+    "neighborhood_2d": masks.Neighborhood((6, 8), window=(3, 5)),
+    "neighborhood_causal": masks.Neighborhood((48,), window=7, causal=True),
+    # FULL/EMPTY tiles only at its own block size: the kernel never needs the predicate.
+    "random_blocks": masks.RandomBlocks(0.5, 16, 16, seed=1, seq_q=48, seq_k=48),
   }
 
 
@@ -206,8 +221,9 @@ def test_random_block_maps(backend, data):
   T = data.draw(st.integers(20, 64), label="T")
   S = data.draw(st.integers(20, 64), label="S")
   qb, kb = -(-T // 16), -(-S // 16)
-  keep = np.asarray(data.draw(st.lists(st.booleans(), min_size=qb * kb, max_size=qb * kb),
-                              label="keep")).reshape(qb, kb)
+  keep = np.asarray(
+    data.draw(st.lists(st.booleans(), min_size=qb * kb, max_size=qb * kb), label="keep")
+  ).reshape(qb, kb)
   window = data.draw(st.integers(0, 24), label="window")
   mask = masks.SlidingWindow(window, window)
   # A random subset of the mask's tiles (as a content-dependent selection would give):

@@ -25,8 +25,15 @@ BLOCK_MAP = MASK.block_map(T, S, 128, 128)
 def _fns(backend, with_segments):
   def forward(q, k, v, q_ids, kv_ids):
     return block_sparse_attention(
-        q, k, v, BLOCK_MAP, mask_fn=MASK.predicate, logits_soft_cap=30.0, backend=backend,
-        segment_ids=(q_ids, kv_ids) if with_segments else None)
+      q,
+      k,
+      v,
+      BLOCK_MAP,
+      mask_fn=MASK.predicate,
+      logits_soft_cap=30.0,
+      backend=backend,
+      segment_ids=(q_ids, kv_ids) if with_segments else None,
+    )
 
   def loss(q, k, v, q_ids, kv_ids):
     return jnp.sum(forward(q, k, v, q_ids, kv_ids).astype(jnp.float32))
@@ -36,8 +43,13 @@ def _fns(backend, with_segments):
 
 def _args(dtype=jnp.bfloat16):
   sds = jax.ShapeDtypeStruct
-  return (sds((B, T, N, H), dtype), sds((B, S, K, H), dtype), sds((B, S, K, H), dtype),
-          sds((B, T), jnp.int32), sds((B, S), jnp.int32))
+  return (
+    sds((B, T, N, H), dtype),
+    sds((B, S, K, H), dtype),
+    sds((B, S, K, H), dtype),
+    sds((B, T), jnp.int32),
+    sds((B, S), jnp.int32),
+  )
 
 
 @pytest.mark.parametrize("with_segments", [False, True])
@@ -61,9 +73,11 @@ def test_gpu_triton_lowering_to_ttir(with_segments):
     assert "tt.func" in module and "tt.dot" in module
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="the `triton` package is not installed (pip install .[triton]); "
-                           "TTIR -> PTX for sm_90 needs it")
+@pytest.mark.skipif(
+  importlib.util.find_spec("triton") is None,
+  reason="the `triton` package is not installed (pip install .[triton]); "
+  "TTIR -> PTX for sm_90 needs it",
+)
 def test_gpu_ttir_compiles_to_ptx_sm90():
   for module in _ttirs(True)[1]:
     result = lc.triton_compile(module)

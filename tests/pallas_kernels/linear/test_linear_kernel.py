@@ -28,9 +28,17 @@ def _inputs(seed, b=2, t=40, n=4, kh=2, h=16, vd=8, dtype=jnp.float32):
 
 def _kernel(platform, block=16):
   def fn(q, k, v, log_decay, state0):
-    return linear.linear_attention(q, k, v, log_decay=log_decay, initial_state=state0,
-                                   block_sizes=linear.BlockSizes(block), interpret=True,
-                                   platform=platform)
+    return linear.linear_attention(
+      q,
+      k,
+      v,
+      log_decay=log_decay,
+      initial_state=state0,
+      block_sizes=linear.BlockSizes(block),
+      interpret=True,
+      platform=platform,
+    )
+
   return fn
 
 
@@ -62,8 +70,9 @@ def test_backward_kernel_matches_reference_gradients(platform):
   args = _inputs(1)
   grads = _grads(_kernel(platform), args)
   grads_ref = _grads(linear.linear_attention_reference, args)
-  for name, g, g_ref in zip(("dq", "dk", "dv", "dlog_decay", "dstate0"), grads, grads_ref,
-                             strict=True):
+  for name, g, g_ref in zip(
+    ("dq", "dk", "dv", "dlog_decay", "dstate0"), grads, grads_ref, strict=True
+  ):
     # dlog_decay is a (t+1)-weighted sum over all tokens; compare relative to its magnitude.
     scale = float(np.max(np.abs(g_ref))) if name == "dlog_decay" else 1.0
     tolerances.assert_close(g / scale, g_ref / scale, grad=True, err_msg=name)
@@ -109,19 +118,24 @@ _SHAPES = dict(b=1, t=200, n=4, kh=2, h=64, vd=64)
 def _fwd_bwd(platform):
   def fn(q, k, v, log_decay, state0):
     def loss(*a):
-      o, s = linear.linear_attention(*a[:3], log_decay=a[3], initial_state=a[4],
-                                     platform=platform)
+      o, s = linear.linear_attention(*a[:3], log_decay=a[3], initial_state=a[4], platform=platform)
       return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
     return jax.grad(loss, argnums=tuple(range(5)))(q, k, v, log_decay, state0)
+
   return fn
 
 
 def _abstract(dtype, **overrides):
   s = _SHAPES | overrides
   sd = jax.ShapeDtypeStruct
-  return (sd((s["b"], s["t"], s["n"], s["h"]), dtype), sd((s["b"], s["t"], s["kh"], s["h"]), dtype),
-          sd((s["b"], s["t"], s["kh"], s["vd"]), dtype), sd((s["n"],), jnp.float32),
-          sd((s["b"], s["n"], s["h"], s["vd"]), jnp.float32))
+  return (
+    sd((s["b"], s["t"], s["n"], s["h"]), dtype),
+    sd((s["b"], s["t"], s["kh"], s["h"]), dtype),
+    sd((s["b"], s["t"], s["kh"], s["vd"]), dtype),
+    sd((s["n"],), jnp.float32),
+    sd((s["b"], s["n"], s["h"], s["vd"]), jnp.float32),
+  )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -151,20 +165,25 @@ def _capture_ttir(fn, args):
   return captured
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(jnp.float32, 64), (jnp.bfloat16, 64),
-                                             (jnp.bfloat16, 128)])  # 128: forward splits V
+@pytest.mark.parametrize(
+  "dtype, head_dim", [(jnp.float32, 64), (jnp.bfloat16, 64), (jnp.bfloat16, 128)]
+)  # 128: forward splits V
 def test_gpu_triton_lowering(dtype, head_dim):
   modules = _capture_ttir(_fwd_bwd("gpu"), _abstract(dtype, h=head_dim, vd=head_dim))
-  assert [m.split("@")[1].split()[0] for m in modules] == ["linear_attention_fwd",
-                                                           "linear_attention_bwd"]
+  assert [m.split("@")[1].split()[0] for m in modules] == [
+    "linear_attention_fwd",
+    "linear_attention_bwd",
+  ]
   assert all("tt.dot" in m for m in modules)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_triton_compiles_to_ptx(dtype):
   triton = pytest.importorskip(
-      "triton", reason="the `triton` extra is not installed: TTIR -> PTX (sm_90) check skipped; "
-      "`pip install .[triton]` enables it")
+    "triton",
+    reason="the `triton` extra is not installed: TTIR -> PTX (sm_90) check skipped; "
+    "`pip install .[triton]` enables it",
+  )
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415 (optional dependency)
 
   os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "triton_cache"))
@@ -173,20 +192,27 @@ def test_gpu_triton_compiles_to_ptx(dtype):
       path = os.path.join(tmp, f"linear_{i}.ttir")
       with open(path, "w") as f:
         f.write(module)
-      compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=4, num_stages=1))
+      compiled = triton.compile(
+        path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1)
+      )
       assert ".entry" in compiled.asm["ptx"]
       assert compiled.metadata.shared <= 227 * 1024
 
 
 def test_gpu_forward_with_value_column_split():
   args = _inputs(5, b=1, t=24, vd=16)
-  out, state = linear.linear_attention(*args[:3], log_decay=args[3], initial_state=args[4],
-                                       block_sizes=linear.BlockSizes(8, block_v=8),
-                                       interpret=True, platform="gpu")
+  out, state = linear.linear_attention(
+    *args[:3],
+    log_decay=args[3],
+    initial_state=args[4],
+    block_sizes=linear.BlockSizes(8, block_v=8),
+    interpret=True,
+    platform="gpu",
+  )
   out_ref, state_ref = linear.linear_attention_reference(*args)
   tolerances.assert_close(out, out_ref)
   tolerances.assert_close(state, state_ref)
   with pytest.raises(ValueError, match="block_v"):
-    linear.linear_attention(*args[:3], block_sizes=linear.BlockSizes(8, block_v=24),
-                            interpret=True, platform="gpu")
+    linear.linear_attention(
+      *args[:3], block_sizes=linear.BlockSizes(8, block_v=24), interpret=True, platform="gpu"
+    )
