@@ -6,10 +6,10 @@ dtype; that process calls `measure_series` and prints one `RESULT {json}` line p
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from experiments.bench_cases import CASES, Unavailable
+from experiments.timing import median_seconds
 
 RESULT = "RESULT "
 
@@ -52,13 +52,10 @@ def measure_point(point: dict) -> dict:
           "reason": f"{mode}: XLA plans {temp / 2**30:.1f} GiB of temporaries > cap "
           f"{point['rss_cap_gib']:.1f} GiB (not run)",
         }
-      jax.block_until_ready(compiled(q, k, v))
-      times = []
-      for _ in range(point["repeats"]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        times.append(time.perf_counter() - t0)
-      out[f"{mode}_ms"] = 1e3 * statistics.median(times)
+      seconds = median_seconds(
+        lambda compiled=compiled: jax.block_until_ready(compiled(q, k, v)), point["repeats"]
+      )
+      out[f"{mode}_ms"] = 1e3 * seconds
       out[f"rss_{mode}_mib"] = _rss_mib()
     except (NotImplementedError, ValueError, TypeError) as e:
       return {**out, "status": "error", "reason": f"{mode}: {type(e).__name__}: {e}"}
@@ -119,13 +116,7 @@ def _measure_torch(case, point) -> dict:
 
   modes = [("fwd", fwd)] + ([("fwdbwd", fwdbwd)] if point["backward"] else [])
   for mode, run in modes:
-    run()
-    times = []
-    for _ in range(point["repeats"]):
-      t0 = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - t0)
-    out[f"{mode}_ms"] = 1e3 * statistics.median(times)
+    out[f"{mode}_ms"] = 1e3 * median_seconds(run, point["repeats"])
     out[f"rss_{mode}_mib"] = _rss_mib()
   return out
 
@@ -137,13 +128,8 @@ def measure_matmul(n: int, dtype: str, repeats: int) -> dict:
 
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype) for i in (0, 1))
   mm = jax.jit(jnp.matmul).lower(a, b).compile()
-  jax.block_until_ready(mm(a, b))
-  times = []
-  for _ in range(max(3, repeats)):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    times.append(time.perf_counter() - t0)
-  return dict(n=n, dtype=dtype, gflops=2 * n**3 / statistics.median(times) / 1e9)
+  seconds = median_seconds(lambda: jax.block_until_ready(mm(a, b)), max(3, repeats))
+  return dict(n=n, dtype=dtype, gflops=2 * n**3 / seconds / 1e9)
 
 
 def _temp_bytes(compiled) -> int | None:

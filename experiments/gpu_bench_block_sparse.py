@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
-import time
 import traceback
 
 import jax
@@ -34,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnzoo import masks
+from experiments.timing import median_seconds
 from pallas_kernels.block_sparse import BlockMap, BlockSizes, block_sparse_attention
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -44,13 +43,7 @@ SWEEP_T = 16384
 
 
 def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _inputs(B, T, N, H, dtype):

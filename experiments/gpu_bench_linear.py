@@ -27,25 +27,19 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
+
+from experiments.timing import median_seconds
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 IMPLS = ("linear_pallas", "linear_chunked", "block_sparse", "dpa_cudnn", "dpa_xla")
 
 
 def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _attend_fn(impl: str, *, heads: int, block_size: int, T: int):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import operator
 from types import ModuleType
 
 import jax.numpy as jnp
@@ -229,12 +230,24 @@ def _split_tables(masks, tables) -> list[tuple]:
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
-  """Keep where every mask keeps."""
+class _Combination(Mask):
+  """A boolean combination of masks; subclasses fix the operator and the tile rules."""
 
   masks: tuple[Mask, ...]
 
   __post_init__ = _check_operands
+
+  @staticmethod
+  def _op(a, b):
+    raise NotImplementedError
+
+  @staticmethod
+  def _decided_empty(kinds):  # kinds: int[len(masks), Qb, Kb]
+    raise NotImplementedError
+
+  @staticmethod
+  def _decided_full(kinds):
+    raise NotImplementedError
 
   def check_lengths(self, seq_q, seq_k):
     for m in self.masks:
@@ -250,7 +263,7 @@ class And(Mask):
     out = None
     for m, own in zip(self.masks, _split_tables(self.masks, tables), strict=True):
       keep = m.predicate_with(own, q_pos, k_pos, xp)
-      out = keep if out is None else out & keep
+      out = keep if out is None else self._op(out, keep)
     return out
 
   def block_mask(self, seq_q, seq_k, block_q, block_k):
@@ -260,46 +273,27 @@ class And(Mask):
       seq_k,
       block_q,
       block_k,
-      decided_empty=lambda p: (p == EMPTY).any(0),
-      decided_full=lambda p: (p == FULL).all(0),
+      decided_empty=self._decided_empty,
+      decided_full=self._decided_full,
     )
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
+class And(_Combination):
+  """Keep where every mask keeps."""
+
+  _op = staticmethod(operator.and_)
+  _decided_empty = staticmethod(lambda kinds: (kinds == EMPTY).any(0))
+  _decided_full = staticmethod(lambda kinds: (kinds == FULL).all(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Or(_Combination):
   """Keep where any mask keeps."""
 
-  masks: tuple[Mask, ...]
-
-  __post_init__ = _check_operands
-
-  def check_lengths(self, seq_q, seq_k):
-    for m in self.masks:
-      m.check_lengths(seq_q, seq_k)
-
-  def predicate(self, q_pos, k_pos, xp=jnp):
-    return self.predicate_with(self.tables(), q_pos, k_pos, xp)
-
-  def tables(self):
-    return tuple(t for m in self.masks for t in m.tables())
-
-  def predicate_with(self, tables, q_pos, k_pos, xp=jnp):
-    out = None
-    for m, own in zip(self.masks, _split_tables(self.masks, tables), strict=True):
-      keep = m.predicate_with(own, q_pos, k_pos, xp)
-      out = keep if out is None else out | keep
-    return out
-
-  def block_mask(self, seq_q, seq_k, block_q, block_k):
-    return _combine(
-      self,
-      seq_q,
-      seq_k,
-      block_q,
-      block_k,
-      decided_empty=lambda p: (p == EMPTY).all(0),
-      decided_full=lambda p: (p == FULL).any(0),
-    )
+  _op = staticmethod(operator.or_)
+  _decided_empty = staticmethod(lambda kinds: (kinds == EMPTY).all(0))
+  _decided_full = staticmethod(lambda kinds: (kinds == FULL).any(0))
 
 
 @dataclasses.dataclass(frozen=True)

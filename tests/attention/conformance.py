@@ -70,6 +70,10 @@ class AttentionConformance:
       S = T
     return random_qkv(seed, B, T, S, N, K, H, Hv, dtype, self.input_scale)
 
+  def as_mask(self, keep: np.ndarray):
+    """The `mask=` argument for a bool [T, S] keep pattern (default: the array itself)."""
+    return jnp.asarray(keep)
+
   def causal_cases(self):
     return (True,) if not self.supports_noncausal else (False, True)
 
@@ -152,7 +156,7 @@ class AttentionConformance:
     keep = np.ones((T, S), bool)
     keep[3] = False
     keep[T - 1] = False
-    mask = jnp.asarray(keep)
+    mask = self.as_mask(keep)
     out = self.attend(q, k, v, mask=mask)
     np.testing.assert_array_equal(np.asarray(out[:, 3]), 0.0)
     np.testing.assert_array_equal(np.asarray(out[:, T - 1]), 0.0)
