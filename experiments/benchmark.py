@@ -333,6 +333,8 @@ def to_markdown(doc: dict) -> str:
         f"{_f(p.get('rss_peak_seen_mib'), 0)} | | | {p.get('reason', '')} |"
       )
       continue
+    if p.get("note"):
+      note = (note + "; " if note else "") + p["note"]
     if "max_err_fwd" in p:
       note = (note + "; " if note else "") + (
         f"rel err {p['max_err_fwd']:.0e} / grad {p.get('max_err_grad', float('nan')):.1e}"
