@@ -93,6 +93,18 @@ def _split_heads(x_bnts, groups):
   return x_bnts.reshape(b, n // groups, groups, t, s)
 
 
+def to_head_major(x_btnh, kv_heads):
+  """[B, T, N, H] -> [B, K, G, T, H] (query head n = k * G + g)."""
+  b, t, n, h = x_btnh.shape
+  return jnp.transpose(x_btnh.reshape(b, t, kv_heads, n // kv_heads, h), (0, 2, 3, 1, 4))
+
+
+def from_head_major(x_bkgth):
+  """[B, K, G, T, H] -> [B, T, N, H]."""
+  b, k, g, t, h = x_bkgth.shape
+  return jnp.transpose(x_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, k * g, h)
+
+
 def _reduce_to(x, shape):
   """Sums x over the axes where `shape` has size 1 (the adjoint of broadcasting)."""
   axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
@@ -108,9 +120,11 @@ class _Tiles:
     K = k.shape[2]
     self.qb, self.kb = num_blocks(st.seq_q, st.block_q), num_blocks(st.seq_k, st.block_k)
     self.tq, self.tk = self.qb * st.block_q, self.kb * st.block_k
-    self.q = _pad_to(q, 1, self.tq).reshape(B, self.tq, K, st.groups, H)
-    self.k = _pad_to(k, 1, self.tk)
-    self.v = _pad_to(v, 1, self.tk)
+    # Head-major layouts ([B,K,G,T,H], [B,K,S,H]): every tile product below is then a
+    # batched matmul over (b, k) whose output needs no transpose.
+    self.q = to_head_major(_pad_to(q, 1, self.tq), K)
+    self.k = jnp.swapaxes(_pad_to(k, 1, self.tk), 1, 2)
+    self.v = jnp.swapaxes(_pad_to(v, 1, self.tk), 1, 2)
     self.bias = None
     if bias is not None:
       self.bias = _split_heads(_pad_to(_pad_to(bias, 2, self.tq), 3, self.tk), st.groups)
@@ -124,11 +138,13 @@ class _Tiles:
       self.seg = (_pad_to(q_ids, 1, self.tq, -1), _pad_to(kv_ids, 1, self.tk, -2))
     self.needs_key_padding = self.tk != st.seq_k
 
-  def q_tile(self, x, i):
-    return lax.dynamic_slice_in_dim(x, i * self.st.block_q, self.st.block_q, axis=1)
+  def q_tile(self, x, i, axis=3):
+    """Rows of q tile i of a [B,K,G,T,...] array (axis=1 for [B,T] segment ids)."""
+    return lax.dynamic_slice_in_dim(x, i * self.st.block_q, self.st.block_q, axis=axis)
 
-  def k_tile(self, x, j):
-    return lax.dynamic_slice_in_dim(x, j * self.st.block_k, self.st.block_k, axis=1)
+  def k_tile(self, x, j, axis=2):
+    """Rows of kv tile j of a [B,K,S,...] array (axis=1 for [B,S] segment ids)."""
+    return lax.dynamic_slice_in_dim(x, j * self.st.block_k, self.st.block_k, axis=axis)
 
   def _elem_tile(self, x, i, j):
     bq, bk = self.st.block_q, self.st.block_k
@@ -138,7 +154,7 @@ class _Tiles:
   def logits(self, q_t, k_t, i, j, partial):
     """Returns (s [B,K,G,bq,bk] fp32 after soft-cap and bias, keep or None, tanh' or None)."""
     st = self.st
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q_t, k_t, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bkgqh,bksh->bkgqs", q_t, k_t, preferred_element_type=jnp.float32)
     s = s * st.scale
     dcap = None
     if st.soft_cap is not None:
@@ -162,8 +178,8 @@ class _Tiles:
     if self.mask is not None:
       keep = conj(keep, self._elem_tile(self.mask, i, j))
     if self.seg is not None:
-      q_ids = self.q_tile(self.seg[0], i)[:, None, None, :, None]
-      kv_ids = self.k_tile(self.seg[1], j)[:, None, None, None, :]
+      q_ids = self.q_tile(self.seg[0], i, axis=1)[:, None, None, :, None]
+      kv_ids = self.k_tile(self.seg[1], j, axis=1)[:, None, None, None, :]
       keep = conj(keep, q_ids == kv_ids)
     return s, keep, dcap
 
@@ -181,7 +197,7 @@ def _zero_masked(p, keep):
 
 def _forward(st: _Static, q, k, v, bias, extras):
   tiles = _Tiles(st, q, k, v, bias, extras)
-  B, _, K, G, _ = tiles.q.shape
+  B, K, G, _, _ = tiles.q.shape
   Hv = v.shape[-1]
   bm = st.block_map
   kv_idx, kv_cnt, kv_part = (
@@ -200,7 +216,7 @@ def _forward(st: _Static, q, k, v, bias, extras):
       alpha = jnp.exp(m - m_new)
       p = _zero_masked(jnp.exp(s - m_new[..., None]), keep)
       v_t = tiles.k_tile(tiles.v, j)
-      pv = jnp.einsum("bkgqs,bskv->bkgqv", p, v_t, preferred_element_type=jnp.float32)
+      pv = jnp.einsum("bkgqs,bksv->bkgqv", p, v_t, preferred_element_type=jnp.float32)
       return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
     shape = (B, K, G, st.block_q)
@@ -218,7 +234,7 @@ def _forward(st: _Static, q, k, v, bias, extras):
   out, lse = lax.map(q_block, jnp.arange(tiles.qb))  # [Qb,B,K,G,bq,Hv], [Qb,B,K,G,bq]
   out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, tiles.tq, Hv)
   lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, tiles.tq)
-  out_btnv = jnp.einsum("bkgtv->btkgv", out).reshape(B, tiles.tq, K * G, Hv)[:, : st.seq_q]
+  out_btnv = from_head_major(out)[:, : st.seq_q]
   return out_btnv.astype(q.dtype), lse
 
 
@@ -238,12 +254,12 @@ def _attention_fwd(st, q, k, v, bias, extras):
 def _attention_bwd(st, res, d_out):
   q, k, v, bias, extras, out, lse = res
   tiles = _Tiles(st, q, k, v, bias, extras)
-  B, _, K, G, H = tiles.q.shape
+  B, K, G, _, H = tiles.q.shape
   Hv = v.shape[-1]
   bm = st.block_map
-  do = _pad_to(d_out, 1, tiles.tq).reshape(B, tiles.tq, K, G, Hv).astype(jnp.float32)
-  o = _pad_to(out, 1, tiles.tq).reshape(B, tiles.tq, K, G, Hv).astype(jnp.float32)
-  delta = jnp.einsum("btkgv,btkgv->bkgt", do, o)  # rowsum(dO * O), FlashAttention-2 "D"
+  do = to_head_major(_pad_to(d_out, 1, tiles.tq), K).astype(jnp.float32)
+  o = to_head_major(_pad_to(out, 1, tiles.tq), K).astype(jnp.float32)
+  delta = jnp.sum(do * o, axis=-1)  # rowsum(dO * O), FlashAttention-2 "D"
 
   def row_stats(i):
     sl = lambda x: lax.dynamic_slice_in_dim(x, i * st.block_q, st.block_q, axis=3)
@@ -255,7 +271,7 @@ def _attention_bwd(st, res, d_out):
     lse_t, delta_t = row_stats(i)
     p = _zero_masked(jnp.exp(_masked(s, keep) - lse_t[..., None]), keep)
     v_t = tiles.k_tile(tiles.v, j)
-    dp = jnp.einsum("bqkgv,bskv->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgqv,bksv->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_t[..., None])
     ds_raw = ds if dcap is None else ds * dcap
     return p, ds, ds_raw
@@ -274,7 +290,7 @@ def _attention_bwd(st, res, d_out):
       j = kv_idx[i, t]
       _, ds, ds_raw = tile_grads(i, j, kv_part[i, t], q_t, do_t)
       k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)
-      dq_t = dq_t + jnp.einsum("bkgqs,bskh->bqkgh", ds_raw, k_t) * st.scale
+      dq_t = dq_t + jnp.einsum("bkgqs,bksh->bkgqh", ds_raw, k_t) * st.scale
       if dbias_buf is not None:
         tile = _reduce_to(ds, dbias_buf.shape[:3] + ds.shape[3:]).astype(dbias_buf.dtype)
         dbias_buf = lax.dynamic_update_slice(
@@ -283,14 +299,14 @@ def _attention_bwd(st, res, d_out):
       return dq_t, dbias_buf
 
     dq_t, dbias_buf = lax.fori_loop(
-      0, kv_cnt[i], step, (jnp.zeros((B, st.block_q, K, G, H), jnp.float32), dbias_buf)
+      0, kv_cnt[i], step, (jnp.zeros((B, K, G, st.block_q, H), jnp.float32), dbias_buf)
     )
-    dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=1)
+    dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=3)
     return dq_buf, dbias_buf
 
   dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, jnp.float32)
   dq, dbias = lax.fori_loop(
-    0, tiles.qb, dq_block, (jnp.zeros((B, tiles.tq, K, G, H), jnp.float32), dbias0)
+    0, tiles.qb, dq_block, (jnp.zeros((B, K, G, tiles.tq, H), jnp.float32), dbias0)
   )
 
   # dK/dV pass: each kv tile over the q tiles that see it (transposed tables).
@@ -302,20 +318,24 @@ def _attention_bwd(st, res, d_out):
       i = q_idx[j, t]
       q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
       p, _, ds_raw = tile_grads(i, j, q_part[j, t], q_t, do_t)
-      dv_t = dv_t + jnp.einsum("bkgqs,bqkgv->bskv", p, do_t)
-      dk_t = dk_t + jnp.einsum("bkgqs,bqkgh->bskh", ds_raw, q_t.astype(jnp.float32)) * st.scale
+      dv_t = dv_t + jnp.einsum("bkgqs,bkgqv->bksv", p, do_t)
+      dk_t = dk_t + jnp.einsum("bkgqs,bkgqh->bksh", ds_raw, q_t.astype(jnp.float32)) * st.scale
       return dk_t, dv_t
 
     init = (
-      jnp.zeros((B, st.block_k, K, H), jnp.float32),
-      jnp.zeros((B, st.block_k, K, Hv), jnp.float32),
+      jnp.zeros((B, K, st.block_k, H), jnp.float32),
+      jnp.zeros((B, K, st.block_k, Hv), jnp.float32),
     )
     return lax.fori_loop(0, q_cnt[j], step, init)
 
-  dk, dv = lax.map(dkv_block, jnp.arange(tiles.kb))  # [Kb, B, bk, K, H]
-  dk = jnp.moveaxis(dk, 0, 1).reshape(B, tiles.tk, K, H)[:, : st.seq_k]
-  dv = jnp.moveaxis(dv, 0, 1).reshape(B, tiles.tk, K, Hv)[:, : st.seq_k]
-  dq = dq.reshape(B, tiles.tq, K * G, H)[:, : st.seq_q]
+  dk, dv = lax.map(dkv_block, jnp.arange(tiles.kb))  # [Kb, B, K, bk, H]
+
+  def kv_rows(x):  # [Kb, B, K, bk, X] -> [B, S, K, X]
+    kb, b, kk, bk, x_dim = x.shape
+    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, kb * bk, kk, x_dim)[:, : st.seq_k]
+
+  dk, dv = kv_rows(dk), kv_rows(dv)
+  dq = from_head_major(dq)[:, : st.seq_q]
   d_bias = None
   if bias is not None:
     b, n = bias.shape[:2]
