@@ -33,7 +33,10 @@ def declared(arguments: dict[str, tuple[Any, str]], **values: Any) -> ml_collect
     value = values.pop(name, default)
     if value is None:
       kind = next(
-        (t for t in (bool, float, int, str) if re.search(rf"\b{t.__name__}\b", annotation)), None
+        # str first: an argument that takes an array or a name (e.g. linear's decay) can
+        # only be given by name on the command line.
+        (t for t in (bool, str, float, int) if re.search(rf"\b{t.__name__}\b", annotation)),
+        None,
       )
       if kind is None:
         continue
@@ -88,6 +91,9 @@ def base(attention: str) -> ml_collections.ConfigDict:
   )
   c.model.position = "rope"  # none | rope | alibi | learned
   c.model.rope_base = 10000.0
+  # TransNormerLLM's NormAttention output: SRMSNorm over the merged heads, then a gate x W_u.
+  c.model.attention_output_norm = False
+  c.model.attention_output_gate = False
   c.model.mask = ""  # "" | sliding_window | neighborhood (see attnzoo.nn.MASKS); use set_mask
   c.model.mask_kwargs = ml_collections.ConfigDict()
   c.model.patch_size = ()  # () = one token per input id; (ph, pw) = ViT patches

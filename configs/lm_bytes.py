@@ -10,7 +10,17 @@ Measures: bits per byte (bpb) on held-out documents, against the corpus's unigra
     python -m experiments.train --config configs/lm_bytes.py:smoke --workdir /tmp/smoke
 
 Arguments: attention=NAME (a registry family, or a per-layer pattern "a+b"),
-corpus=stdlib|shakespeare, smoke.
+corpus=stdlib|shakespeare, tnl, smoke.
+
+`tnl` configures a TransNormerLLM-style model (arXiv 2307.14995 §3; Lightning Attention-2,
+arXiv 2401.04658): linear attention with SiLU feature maps, the official per-head, per-layer
+decay schedule (`decay="tnl"`, resolved from each layer's depth), NormAttention output
+(SRMSNorm over the heads, gated by x W_u), no positional encoding beyond the decay:
+
+    python -m experiments.train --config configs/lm_bytes.py:tnl --workdir /tmp/attnzoo/lm_tnl
+
+Differences from TNL: no LRPE in the first layer, and the gate is a full-rank projection
+without the paper's activation on V. Not measured yet at full size.
 
 Expected (stdlib, softmax, measured 2026-11-29): unigram baseline 4.77 bits/byte on the
 test split; eval bpb 2.66 at step 200, 2.30 at 400, 2.17 at 600 (857k parameters). It took
@@ -23,8 +33,14 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, attention="softmax", corpus="stdlib", smoke=False)
-  c = common.base(arg.attention)
+  arg = common.parse_arg(arg, attention="softmax", corpus="stdlib", tnl=False, smoke=False)
+  c = common.base("linear" if arg.tnl else arg.attention)
+  if arg.tnl:
+    c.model.knobs.linear.decay = "tnl"
+    c.model.knobs.linear.feature_map = "silu"
+    c.model.attention_output_norm = True
+    c.model.attention_output_gate = True
+    c.model.position = "none"
   c.data.name = arg.corpus
   c.data.seq_len = 128
   c.data.seed = 0

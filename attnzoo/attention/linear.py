@@ -38,7 +38,7 @@ Differences from the papers:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ from absl import logging
 from jax import lax
 from jaxtyping import Array, Float
 
-from attnzoo.attention import registry
+from attnzoo.attention import registry, tnl
 from pallas_kernels import linear as linear_kernels
 from pallas_kernels.linear.reference import (
   linear_attention_recurrent,
@@ -198,6 +198,12 @@ def _non_causal(q, k, v, state0, implementation):
 def _check_decay(decay, num_heads):
   if decay is None:
     return None
+  if isinstance(decay, str):
+    raise ValueError(
+      f"decay={decay!r} names a per-layer schedule, which a model resolves from the layer's "
+      f"depth ({sorted(DECAY_SCHEDULES)}); called directly, pass the log-decays, e.g. "
+      "tnl.tnl_slopes(N, layer, num_layers)"
+    )
   decay = jnp.asarray(decay)
   if decay.shape != (num_heads,):
     raise ValueError(
@@ -231,7 +237,7 @@ def attention(
   scale: float | None = None,
   segment_ids=None,
   logits_soft_cap=None,
-  decay: Float[Array, " N"] | None = None,
+  decay: Float[Array, " N"] | Sequence[float] | str | None = None,
   feature_map: str | Callable[[Array], Array] | None = None,
   block_size: int = 64,
   initial_state: Float[Array, "B N H Hv"] | None = None,
@@ -245,7 +251,9 @@ def attention(
     mask, bias, segment_ids, logits_soft_cap: softmax-only options; passing one raises TypeError.
     is_causal: causal recurrence (default) or the non-causal right product.
     scale: multiplies q; None means 1.
-    decay: [N] per-head log λ <= 0, or None for λ = 1 (no decay).
+    decay: [N] per-head log λ <= 0, or None for λ = 1 (no decay). In a model config it
+      may also name a per-layer schedule ("tnl": `tnl.tnl_slopes(N, layer, num_layers)`),
+      resolved by `FAMILY.layer_knobs` when the layer is built.
     feature_map: None/"identity" (Lightning, TNL with pre-activated q, k), "elu1"
       (Katharopoulos), "silu", or a callable applied elementwise to q and k.
     block_size: rows per tile of the "chunked" and "pallas" implementations.
@@ -315,7 +323,7 @@ def decode_step(
   k_t: Float[Array, "B K H"],
   v_t: Float[Array, "B K Hv"],
   *,
-  decay: Float[Array, " N"] | None = None,
+  decay: Float[Array, " N"] | Sequence[float] | str | None = None,
   feature_map: str | Callable[[Array], Array] | None = None,
   scale: float | None = None,
 ) -> tuple[Float[Array, "B N Hv"], Float[Array, "B N H Hv"]]:
@@ -344,6 +352,23 @@ def decode_step(
   return out.reshape(b, n, vd).astype(q_t.dtype), state_bkghv.reshape(b, n, h, vd)
 
 
+# Per-layer decay schedules a config may name instead of an array: (num_heads, layer,
+# num_layers) -> log λ [N].
+DECAY_SCHEDULES = {"tnl": tnl.tnl_slopes}
+
+
+def layer_knobs(knobs, *, layer: int, num_layers: int, num_heads: int):
+  """Resolves `decay="<schedule>"` into this layer's log-decays (a tuple: static, hashable)."""
+  decay = knobs.get("decay")
+  if not isinstance(decay, str):
+    return dict(knobs)
+  if decay not in DECAY_SCHEDULES:
+    raise ValueError(f"decay={decay!r} is not one of the schedules {sorted(DECAY_SCHEDULES)}")
+  with jax.ensure_compile_time_eval():  # models are often built under jit
+    values = DECAY_SCHEDULES[decay](num_heads, layer, num_layers)
+  return {**knobs, "decay": tuple(float(x) for x in np.asarray(values))}
+
+
 FAMILY = registry.Family(
   name=FAMILY_NAME,
   attention=attention,
@@ -351,4 +376,5 @@ FAMILY = registry.Family(
   paper="Lightning Attention-2 (arXiv 2401.04658)",
   supports_mask=False,
   decode_step=decode_step,
+  layer_knobs=layer_knobs,
 )

@@ -27,6 +27,9 @@ class Family:
     supports_mask: accepts `mask=` / `is_causal=` like softmax attention.
     causal_only: only defined for causal attention (a recurrence).
     decode_step: optional single-token step `(state, q_t, k_t, v_t) -> (out_t, state)`.
+    layer_knobs: optional `(knobs, *, layer, num_layers, num_heads) -> knobs`: resolves knob
+      values that depend on the layer's depth (e.g. TNL's per-layer decay schedule) when a
+      model builds its layers; the pure function itself only ever sees concrete values.
   """
 
   name: str
@@ -37,6 +40,7 @@ class Family:
   supports_mask: bool = True
   causal_only: bool = False
   decode_step: Callable[..., Any] | None = None
+  layer_knobs: Callable[..., dict[str, Any]] | None = None
 
 
 def resolve_implementation(

@@ -31,6 +31,8 @@ class ModelConfig:
     knobs: (family, ((knob, value), ...)) pairs: each layer passes its family's knobs.
     position: "none", "rope", "alibi" (inside attention) or "learned" (absolute, added
       to the embeddings).
+    attention_output_norm, attention_output_gate: TransNormerLLM's NormAttention output
+      (SRMSNorm over the merged heads, times a gate x W_u) before the output projection.
     mask: name in `attnzoo.nn.MASKS` ("" = none) with `mask_kwargs` pairs.
     spatial_shape: image shape of the input (H, W); the token grid is
       spatial_shape // patch_size and is what N-D masks see.
@@ -58,6 +60,8 @@ class ModelConfig:
   knobs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
   position: str = "rope"
   rope_base: float = 10000.0
+  attention_output_norm: bool = False
+  attention_output_gate: bool = False
   mask: str = ""
   mask_kwargs: tuple[tuple[str, Any], ...] = ()
   spatial_shape: tuple[int, ...] = ()

@@ -28,6 +28,7 @@ class Block(nnx.Module):
     cfg: ModelConfig,
     family: str,
     *,
+    layer: int,
     mask: Any,
     attention_fn: Callable[..., Any] | None,
     rngs: nnx.Rngs,
@@ -47,6 +48,10 @@ class Block(nnx.Module):
       mask=mask,
       dtype=dtype,
       attention_fn=attention_fn,
+      layer=layer,
+      num_layers=cfg.num_layers,
+      output_norm=cfg.attention_output_norm,
+      output_gate=cfg.attention_output_gate,
       rngs=rngs,
     )
     self.mlp_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
@@ -119,8 +124,8 @@ class Transformer(nnx.Module):
     mask = nn.build_mask(cfg.mask, cfg.token_grid or None, dict(cfg.mask_kwargs))
     self.blocks = nnx.List(
       [
-        Block(cfg, family, mask=mask, attention_fn=attention_fn, rngs=rngs)
-        for family in nn.layer_families(cfg.attention, cfg.num_layers)
+        Block(cfg, family, layer=i, mask=mask, attention_fn=attention_fn, rngs=rngs)
+        for i, family in enumerate(nn.layer_families(cfg.attention, cfg.num_layers))
       ]
     )
     self.final_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)

@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from attnzoo import attention as attention_lib
 from attnzoo import masks
+from attnzoo.attention import tnl
 from attnzoo.nn import positions as positions_lib
 
 # name -> mask class. A class with a `shape` field is an N-D mask over the token grid;
@@ -93,6 +94,12 @@ class Attention(nnx.Module):
     mask: an `attnzoo.masks.Mask` (e.g. a 2-D Neighborhood) or None.
     attention_fn: replaces the family's function (the model passes ring attention here
       when the sequence axis of the mesh is sharded); it gets the knobs it declares.
+    layer, num_layers: this layer's depth, for families whose knobs depend on it
+      (`Family.layer_knobs`, e.g. linear attention's `decay="tnl"` schedule).
+    output_norm: SRMSNorm over the merged heads before the output projection
+      (TransNormerLLM's NormAttention, arXiv 2307.14995 §3.2).
+    output_gate: multiply the (normed) heads by a gate U = x W_u (TNL's gated linear
+      attention, O = Norm(Q Kᵀ V) ⊙ U).
   """
 
   def __init__(
@@ -111,6 +118,10 @@ class Attention(nnx.Module):
     use_bias: bool = False,
     dtype=None,
     attention_fn: Callable[..., Any] | None = None,
+    layer: int = 0,
+    num_layers: int = 1,
+    output_norm: bool = False,
+    output_gate: bool = False,
     rngs: nnx.Rngs,
   ):
     if num_heads % num_kv_heads:
@@ -130,6 +141,11 @@ class Attention(nnx.Module):
       )
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
+    if self.family.layer_knobs is not None:
+      self.knobs = self.family.layer_knobs(
+        self.knobs, layer=layer, num_layers=num_layers, num_heads=num_heads
+      )
+    self.output_norm = output_norm
     self.position, self.rope_base, self.is_causal = position, rope_base, is_causal
     self.mask = mask
     self.attention_fn = attention_fn
@@ -142,6 +158,7 @@ class Attention(nnx.Module):
     self.out = nnx.LinearGeneral(
       (num_heads, head_dim), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
     )
+    self.gate = proj(num_heads) if output_gate else None
 
   def __call__(
     self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"] | None = None
@@ -171,6 +188,10 @@ class Attention(nnx.Module):
       if self.family.returns_aux:
         out_BTNH, aux = out_BTNH
         self.sow(nnx.Intermediate, "attention_aux", aux)
+    if self.output_norm:
+      out_BTNH = tnl.srms_norm(out_BTNH.reshape(B, T, -1)).reshape(out_BTNH.shape)
+    if self.gate is not None:
+      out_BTNH = out_BTNH * self.gate(x_BTD)
     return self.out(out_BTNH)
 
 

@@ -55,6 +55,8 @@ def model_config(config: ml_collections.ConfigDict, ds) -> ModelConfig:
     knobs=tuple(sorted((family, _pairs(knobs)) for family, knobs in m.knobs.items())),
     position=m.position,
     rope_base=float(m.rope_base),
+    attention_output_norm=bool(m.attention_output_norm),
+    attention_output_gate=bool(m.attention_output_gate),
     mask=m.mask,
     mask_kwargs=_pairs(m.mask_kwargs),
     spatial_shape=tuple(getattr(ds, "spatial_shape", None) or ()),

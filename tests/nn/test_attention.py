@@ -134,3 +134,44 @@ def test_mlp(gated):
     else jax.nn.silu(x @ mlp.up.kernel[...])
   )
   tolerances.assert_close(mlp(x), h @ mlp.down.kernel[...])
+
+
+def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
+  """TransNormerLLM-style layer: decay="tnl" becomes this layer's official log-decays, and
+  the heads are SRMSNorm-ed over the merged heads and gated by x W_u (arXiv 2307.14995 §3)."""
+  from attnzoo.attention import linear, tnl  # noqa: PLC0415
+
+  knobs = dict(decay="tnl", feature_map="silu", implementation="xla")
+  layers = [
+    nn.Attention(
+      D,
+      num_heads=N,
+      num_kv_heads=N,
+      head_dim=H,
+      family="linear",
+      knobs=knobs,
+      is_causal=True,
+      layer=i,
+      num_layers=3,
+      output_norm=True,
+      output_gate=True,
+      rngs=nnx.Rngs(0),
+    )
+    for i in range(3)
+  ]
+  for i, layer in enumerate(layers):
+    np.testing.assert_allclose(layer.knobs["decay"], tnl.tnl_slopes(N, i, 3), rtol=1e-6)
+  assert layers[0].knobs["decay"] != layers[2].knobs["decay"]
+  layer, x = layers[1], _x()
+  heads = linear.attention(
+    layer.query(x),
+    layer.key(x),
+    layer.value(x),
+    decay=jnp.asarray(layer.knobs["decay"]),
+    feature_map="silu",
+    implementation="xla",
+  )
+  normed = tnl.norm_attention_output(heads, layer.gate(x).reshape(heads.shape[:2] + (-1,)))
+  tolerances.assert_close(layer(x), layer.out(normed.reshape(heads.shape)))
+  with pytest.raises(ValueError, match="per-layer schedule"):
+    linear.attention(heads, heads, heads, decay="tnl")

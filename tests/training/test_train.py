@@ -144,3 +144,10 @@ def test_hybrid_stack_of_registered_families_trains(tmp_path):
   assert set(config.model.knobs) == {"linear", "softmax"}
   metrics = training.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
+
+
+def test_tnl_style_lm_trains(tmp_path):
+  """`lm_bytes.py:tnl`: linear attention with the TNL decay schedule and NormAttention output."""
+  metrics = training.train_and_evaluate(smoke_config("lm_bytes", "tnl,smoke"), str(tmp_path))
+  assert np.isfinite(metrics["loss"])
+  assert len(losses(str(tmp_path))) == 6
