@@ -4,9 +4,10 @@ Queries and keys are cut into (block_q, block_k) tiles. For each q tile an onlin
 softmax (running max `m`, running sum `l`, fp32 accumulator) walks only the kv
 tiles that the mask's `BlockMap` lists; the element predicate is evaluated only
 on PARTIAL tiles. A `custom_vjp` saves the output and the per-row log-sum-exp and
-recomputes tiles in two backward passes, as in FlashAttention-2 (Dao, arXiv
-2307.08691, Alg. 2): a dQ pass over each q tile's kv tiles and a dK/dV pass over
-each kv tile's q tiles (the BlockMap's transposed tables).
+recomputes each visited tile once in the backward pass, as in FlashAttention-2 (Dao,
+arXiv 2307.08691, Alg. 2): a scan over kv tiles walks each one's q tiles (the
+BlockMap's transposed tables), keeping dK/dV in the loop carry and adding dQ (and
+d bias) into output-sized buffers.
 
 This is the reference for the Pallas kernel's tiling, and the best CPU path.
 """
@@ -276,59 +277,43 @@ def _attention_bwd(st, res, d_out):
     ds_raw = ds if dcap is None else ds * dcap
     return p, ds, ds_raw
 
-  # dQ pass (and d bias, tile by tile): each q tile over its kv tiles.
-  kv_idx, kv_cnt, kv_part = (
-    jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts, bm.kv_partial)
-  )
+  # One pass over kv tiles (the transposed tables): each tile's dK/dV accumulate in the loop
+  # carry, while its dQ (and d bias) contributions are added into O(T·H) buffers in place.
+  # Recomputing the tiles once instead of in separate dQ and dK/dV passes saves two of
+  # seven tile matmuls.
+  q_idx, q_cnt, q_part = (jnp.asarray(a[0, 0]) for a in (bm.q_indices, bm.q_counts, bm.q_partial))
 
-  def dq_block(i, carry):
-    dq_buf, dbias_buf = carry
-    q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
+  def kv_block(carry, j):
+    k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)
 
     def step(t, c):
-      dq_t, dbias_buf = c
-      j = kv_idx[i, t]
-      _, ds, ds_raw = tile_grads(i, j, kv_part[i, t], q_t, do_t)
-      k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)
-      dq_t = dq_t + jnp.einsum("bkgqs,bksh->bkgqh", ds_raw, k_t) * st.scale
+      dk_t, dv_t, dq_buf, dbias_buf = c
+      i = q_idx[j, t]
+      q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
+      p, ds, ds_raw = tile_grads(i, j, q_part[j, t], q_t, do_t)
+      dv_t = dv_t + jnp.einsum("bkgqs,bkgqv->bksv", p, do_t)
+      dk_t = dk_t + jnp.einsum("bkgqs,bkgqh->bksh", ds_raw, q_t.astype(jnp.float32)) * st.scale
+      dq_t = tiles.q_tile(dq_buf, i) + jnp.einsum("bkgqs,bksh->bkgqh", ds_raw, k_t) * st.scale
+      dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=3)
       if dbias_buf is not None:
         tile = _reduce_to(ds, dbias_buf.shape[:3] + ds.shape[3:]).astype(dbias_buf.dtype)
         dbias_buf = lax.dynamic_update_slice(
           dbias_buf, tile, (0, 0, 0, i * st.block_q, j * st.block_k)
         )
-      return dq_t, dbias_buf
-
-    dq_t, dbias_buf = lax.fori_loop(
-      0, kv_cnt[i], step, (jnp.zeros((B, K, G, st.block_q, H), jnp.float32), dbias_buf)
-    )
-    dq_buf = lax.dynamic_update_slice_in_dim(dq_buf, dq_t, i * st.block_q, axis=3)
-    return dq_buf, dbias_buf
-
-  dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, jnp.float32)
-  dq, dbias = lax.fori_loop(
-    0, tiles.qb, dq_block, (jnp.zeros((B, K, G, tiles.tq, H), jnp.float32), dbias0)
-  )
-
-  # dK/dV pass: each kv tile over the q tiles that see it (transposed tables).
-  q_idx, q_cnt, q_part = (jnp.asarray(a[0, 0]) for a in (bm.q_indices, bm.q_counts, bm.q_partial))
-
-  def dkv_block(j):
-    def step(t, c):
-      dk_t, dv_t = c
-      i = q_idx[j, t]
-      q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
-      p, _, ds_raw = tile_grads(i, j, q_part[j, t], q_t, do_t)
-      dv_t = dv_t + jnp.einsum("bkgqs,bkgqv->bksv", p, do_t)
-      dk_t = dk_t + jnp.einsum("bkgqs,bkgqh->bksh", ds_raw, q_t.astype(jnp.float32)) * st.scale
-      return dk_t, dv_t
+      return dk_t, dv_t, dq_buf, dbias_buf
 
     init = (
       jnp.zeros((B, K, st.block_k, H), jnp.float32),
       jnp.zeros((B, K, st.block_k, Hv), jnp.float32),
+      *carry,
     )
-    return lax.fori_loop(0, q_cnt[j], step, init)
+    dk_t, dv_t, dq_buf, dbias_buf = lax.fori_loop(0, q_cnt[j], step, init)
+    return (dq_buf, dbias_buf), (dk_t, dv_t)
 
-  dk, dv = lax.map(dkv_block, jnp.arange(tiles.kb))  # [Kb, B, K, bk, H]
+  dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, jnp.float32)
+  dq0 = jnp.zeros((B, K, G, tiles.tq, H), jnp.float32)
+  (dq, dbias), (dk, dv) = lax.scan(kv_block, (dq0, dbias0), jnp.arange(tiles.kb))
+  # dk, dv: [Kb, B, K, bk, H]
 
   def kv_rows(x):  # [Kb, B, K, bk, X] -> [B, S, K, X]
     kb, b, kk, bk, x_dim = x.shape
