@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnzoo import masks
-from experiments.timing import median_seconds
+from experiments.timing import cell, median_seconds
 from pallas_kernels.block_sparse import BlockMap, BlockSizes, block_sparse_attention
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -184,10 +184,7 @@ def density_table(T, H, block_sizes, *, repeats, dtype, interpret, tokens, width
 
 
 def _fmt(row, mode, field, spec):
-  if f"{mode}_{field}" in row:
-    return format(row[f"{mode}_{field}"], spec)
-  error = row.get(f"{mode}_error", "")
-  return "OOM" if "RESOURCE_EXHAUSTED" in error or "memory" in error.lower() else "n/a"
+  return cell(row.get(f"{mode}_{field}"), row.get(f"{mode}_error", ""), spec)
 
 
 def to_markdown(doc) -> str:

@@ -32,7 +32,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from experiments.timing import median_seconds
+from experiments.timing import cell, median_seconds
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 IMPLS = ("linear_pallas", "linear_chunked", "block_sparse", "dpa_cudnn", "dpa_xla")
@@ -102,11 +102,8 @@ def measure(impl, B, T, N, H, dtype, *, block_size, repeats, passes=("fwd", "fwd
 
 
 def _fmt(row, key, spec):
-  if key in row:
-    return format(row[key], spec)
   mode = "fwd_bwd" if key.startswith("fwd_bwd") else "fwd"
-  error = row.get(f"{mode}_error", "") or row.get("error", "")
-  return "OOM" if "RESOURCE_EXHAUSTED" in error or "memory" in error.lower() else "n/a"
+  return cell(row.get(key), row.get(f"{mode}_error", "") or row.get("error", ""), spec)
 
 
 def to_markdown(doc) -> str:

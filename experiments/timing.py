@@ -1,4 +1,5 @@
-"""The one timing rule of every benchmark: median wall time of repeated runs after a warm-up."""
+"""Shared by every benchmark: the timing rule (median wall time of repeated runs after a
+warm-up) and how a failed point reads in a table."""
 
 from __future__ import annotations
 
@@ -18,3 +19,10 @@ def median_seconds(run: Callable[[], object], repeats: int, *, warmup: bool = Tr
     run()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def cell(value: float | None, error: str, spec: str) -> str:
+  """A table cell: `value` formatted, else "OOM" when the point ran out of memory, else "n/a"."""
+  if value is not None:
+    return format(value, spec)
+  return "OOM" if "RESOURCE_EXHAUSTED" in error or "memory" in error.lower() else "n/a"
