@@ -85,7 +85,7 @@ def _softmax(implementation: str, scenario: str):
 def _linear(implementation: str):
   def build(T, N, H, dtype):
     try:
-      from attnzoo.attention import linear  # noqa: PLC0415
+      from attnzoo.attention.linear import linear  # noqa: PLC0415
     except ImportError as e:
       raise Unavailable(f"attnzoo.attention.linear is not importable yet ({e})") from None
     # The linear family runs its Pallas kernel in the interpreter on CPU by itself.
@@ -175,7 +175,7 @@ def _torch_flex(scenario: str):
 
 # ------------------------------------------------------------------ the registry
 
-_LINEAR = "attnzoo.attention.linear"
+_LINEAR = "attnzoo.attention.linear.linear"
 _QUADRATIC_T = 16384  # beyond this, O(T^2)-time paths take minutes per point on a CPU
 
 

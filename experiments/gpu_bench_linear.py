@@ -45,7 +45,7 @@ def _time(fn, *args, repeats: int) -> float:
 def _attend_fn(impl: str, *, heads: int, block_size: int, T: int):
   """`(q, k, v) -> out` for one implementation (imports stay lazy: only what is measured)."""
   if impl.startswith("linear_"):
-    from attnzoo.attention import linear, tnl  # noqa: PLC0415
+    from attnzoo.attention.linear import linear, tnl  # noqa: PLC0415
 
     decay = tnl.tnl_slopes(heads, 0, 2)
     implementation = impl.removeprefix("linear_")

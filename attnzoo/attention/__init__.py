@@ -6,9 +6,10 @@ up. Adding a family = one module with a `FAMILY` entry + one line below.
 
 from __future__ import annotations
 
-from attnzoo.attention import linear, softmax
+from attnzoo.attention.dense import softmax
+from attnzoo.attention.dense.softmax import dot_product_attention
+from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
-from attnzoo.attention.softmax import dot_product_attention
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from attnzoo import attention as attention_lib
 from attnzoo import masks
-from attnzoo.attention import tnl
+from attnzoo.attention.linear import tnl
 from attnzoo.nn import positions as positions_lib
 
 # name -> mask class. A class with a `shape` field is an N-D mask over the token grid;

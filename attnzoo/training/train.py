@@ -33,7 +33,7 @@ def _attention_override(mesh, cfg):
       f"i.e. plain softmax attention; got attention={cfg.attention}, mask={cfg.mask!r}, "
       f"position={cfg.position!r}. Use softmax without mask/ALiBi, or set mesh.sequence=1"
     )
-  from attnzoo.attention import ring  # noqa: PLC0415 (only sequence-parallel runs need it)
+  from attnzoo.attention.dense import ring  # noqa: PLC0415 (only sequence-parallel runs need it)
 
   return functools.partial(ring.ring_attention, mesh=mesh, axis_name="sequence")
 

@@ -139,7 +139,7 @@ def test_mlp(gated):
 def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
   """TransNormerLLM-style layer: decay="tnl" becomes this layer's official log-decays, and
   the heads are SRMSNorm-ed over the merged heads and gated by x W_u (arXiv 2307.14995 §3)."""
-  from attnzoo.attention import linear, tnl  # noqa: PLC0415
+  from attnzoo.attention.linear import linear, tnl  # noqa: PLC0415
 
   knobs = dict(decay="tnl", feature_map="silu", implementation="xla")
   layers = [

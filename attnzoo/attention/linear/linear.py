@@ -47,7 +47,8 @@ from absl import logging
 from jax import lax
 from jaxtyping import Array, Float
 
-from attnzoo.attention import registry, tnl
+from attnzoo.attention import registry
+from attnzoo.attention.linear import tnl
 from pallas_kernels import linear as linear_kernels
 from pallas_kernels.linear.reference import (
   linear_attention_recurrent,

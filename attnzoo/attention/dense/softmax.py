@@ -15,7 +15,7 @@ broadcastable to [B,N,T,S] (`mask=`), `is_causal` (top-left aligned, as
 
 Implementations (one semantics): "xla" — the readable reference below; "chunked"
 — flash-style tiles in jnp with O(T·H) memory and block skipping
-(`softmax_chunked.py`); "pallas" — the block-sparse Pallas kernel
+(`chunked.py`); "pallas" — the block-sparse Pallas kernel
 (`pallas_kernels.block_sparse`).
 
 Differences from the paper / from `jax.nn.dot_product_attention`: a query row
@@ -35,7 +35,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from attnzoo.attention import _validate, registry
-from attnzoo.attention.softmax_chunked import MASK_VALUE, chunked_attention
+from attnzoo.attention.dense.chunked import MASK_VALUE, chunked_attention
 from attnzoo.masks import And, Causal, Mask, Segments
 from pallas_kernels.block_sparse import FULL, BlockMap, BlockSizes, num_blocks
 

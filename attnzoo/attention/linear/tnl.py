@@ -8,7 +8,7 @@ Decay. Eq. 10 prints λ_h = exp(-(8h/H)(1 - l/L)); the official code (OpenNLPLab
 lightning-attention, `_build_slope_tensor` and `examples/module/tnl_attn.py`) uses the ALiBi slopes
 s_h = 2^{-8(h+1)/H} (H a power of two; the ALiBi interleaving otherwise) scaled by
 (1 - l/(L-1) + 1e-5), and λ_h = exp(-s_h). We follow the code. `tnl_slopes` returns log λ = -s,
-the `decay=` argument of `attnzoo.attention.linear.attention`.
+the `decay=` argument of `attnzoo.attention.linear.linear.attention`.
 
 NormAttention: O = SRMSNorm(φ(Q)φ(K)ᵀV) ⊙ U, SRMSNorm(x) = x / (‖x‖₂/√d) with no learned scale.
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo.attention import linear, registry, tnl
+from attnzoo.attention import registry
+from attnzoo.attention.linear import linear, tnl
 from tests import tolerances
 from tests.attention import conformance
 

@@ -2,7 +2,7 @@
 
 The pytest process keeps its default single CPU device, so in-process tests run the ring on a
 mesh whose axes have size 1 (the shard_map, custom_vjp and masking code paths, without real
-rotation). `test_eight_devices` (marker `multidevice`) runs tests/attention/ring_multidevice.py
+rotation). `test_eight_devices` (marker `multidevice`) runs the ring_multidevice module
 in a subprocess with 8 virtual devices (sequence 8; data 2 x sequence 4, also with Explicit axis
 types; fsdp 2 x sequence 2 x tensor 2) and asserts on its exit status; its output (shown with
 `pytest -s` or on failure) lists the max errors per case.
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo.attention.ring import ring_attention
-from attnzoo.attention.softmax import dot_product_attention
+from attnzoo.attention.dense.ring import ring_attention
+from attnzoo.attention.dense.softmax import dot_product_attention
 from pallas_kernels import compat
-from tests.attention.ring_multidevice import make_inputs
+from tests.attention.dense.ring_multidevice import make_inputs
 from tests.tolerances import assert_close
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_eight_devices():
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
   )
   result = subprocess.run(
-    [sys.executable, "-m", "tests.attention.ring_multidevice"],
+    [sys.executable, "-m", "tests.attention.dense.ring_multidevice"],
     cwd=REPO_ROOT,
     env=env,
     capture_output=True,

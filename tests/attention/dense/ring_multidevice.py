@@ -3,7 +3,7 @@
 Run by tests/attention/test_ring.py in a subprocess (the pytest process keeps one device):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-        python -m tests.attention.ring_multidevice
+        python -m tests.attention.dense.ring_multidevice
 
 Prints one line per case with the max forward / gradient errors and exits non-zero if any case
 misses tests/tolerances.py (or a bad input fails to raise).
@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from attnzoo.attention.ring import ring_attention  # noqa: E402
-from attnzoo.attention.softmax import dot_product_attention  # noqa: E402
+from attnzoo.attention.dense.ring import ring_attention  # noqa: E402
+from attnzoo.attention.dense.softmax import dot_product_attention  # noqa: E402
 from pallas_kernels import compat  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 

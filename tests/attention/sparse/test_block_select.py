@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnzoo import masks
-from attnzoo.attention import block_select
+from attnzoo.attention.sparse import block_select
 from pallas_kernels.block_sparse import EMPTY
 from pallas_kernels.block_sparse.reference import reference_attention
 from tests.attention.conformance import random_qkv
