@@ -18,7 +18,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from attnzoo import nn
+from attnzoo import masks
+from attnzoo.attention import knobs as knobs_lib
 
 
 def declared(arguments: dict[str, tuple[Any, str]], **values: Any) -> ml_collections.ConfigDict:
@@ -84,17 +85,18 @@ def base(attention: str) -> ml_collections.ConfigDict:
   c.model.activation = "silu"  # gated + silu = SwiGLU
   c.model.norm = "rms"
   c.model.attention = attention  # one family, or a per-layer pattern "linear+softmax"
+  families = knobs_lib.parse_pattern(attention)  # unknown names raise, listing the valid ones
   # Per family, its knobs (keyword arguments) with their defaults, read from the
   # registry: `--config.model.knobs.softmax.implementation=xla`. None = the default.
+  # Every family also has the layer knob `hooks` ("srms_norm+output_gate", "none").
   c.model.knobs = ml_collections.ConfigDict(
-    {name: declared(nn.family_knobs(name)) for name in dict.fromkeys(re.split(r"[,+]", attention))}
+    {name: declared(knobs_lib.family_knobs(name)) for name in dict.fromkeys(families)}
   )
+  # Weights of the aux losses the families declare: `--config.model.aux_weights.balance=0.1`.
+  c.model.aux_weights = ml_collections.ConfigDict(knobs_lib.aux_weights(families))
   c.model.position = "rope"  # none | rope | alibi | learned
   c.model.rope_base = 10000.0
-  # TransNormerLLM's NormAttention output: SRMSNorm over the merged heads, then a gate x W_u.
-  c.model.attention_output_norm = False
-  c.model.attention_output_gate = False
-  c.model.mask = ""  # "" | sliding_window | neighborhood (see attnzoo.nn.MASKS); use set_mask
+  c.model.mask = ""  # "" or a name in attnzoo.masks.MASKS; use set_mask
   c.model.mask_kwargs = ml_collections.ConfigDict()
   c.model.patch_size = ()  # () = one token per input id; (ph, pw) = ViT patches
   c.model.dropout = 0.0
@@ -145,7 +147,7 @@ def smoke(c: ml_collections.ConfigDict) -> None:
 def set_mask(c: ml_collections.ConfigDict, name: str, **kwargs: Any) -> None:
   """Selects mask `name` and declares all of its arguments (so each can be overridden)."""
   c.model.mask = name
-  c.model.mask_kwargs = declared(nn.mask_arguments(name), **kwargs)
+  c.model.mask_kwargs = declared(masks.mask_arguments(name), **kwargs)
 
 
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

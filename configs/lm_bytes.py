@@ -38,8 +38,7 @@ def get_config(arg=None):
   if arg.tnl:
     c.model.knobs.linear.decay = "tnl"
     c.model.knobs.linear.feature_map = "silu"
-    c.model.attention_output_norm = True
-    c.model.attention_output_gate = True
+    c.model.knobs.linear.hooks = "srms_norm+output_gate"  # NormAttention: Norm(QKᵀV) ⊙ x W_u
     c.model.position = "none"
   c.data.name = arg.corpus
   c.data.seq_len = 128

@@ -1,4 +1,21 @@
-"""The family registry entry and implementation dispatch shared by all families."""
+"""The family contract: what a family declares, the typed aux result, and implementation dispatch.
+
+A family is a pure function `attention(q, k, v, *, <options>, <knobs>, <learned arrays>,
+implementation=None)` in the layout q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv], plus a
+`Family` entry that says everything a layer, a trainer, a test or a benchmark needs to use it
+without knowing its name:
+
+- `params`: arrays it learns beyond the q/k/v/o projections (a router, centroids, per-head
+  scalars), as `ParamSpec`s; the layer creates them and passes them by keyword.
+- `state`: non-gradient arrays it carries between steps (EMA centroids, usage counters), also
+  passed by keyword; new values come back in `Aux.state` and are written after the optimizer step.
+- `aux_losses`: the names of the losses it returns in `Aux.losses`, with default weights
+  (overridable per run as `config.model.aux_weights.<name>`).
+- `layer_inputs`: values of the layer it reads besides q/k/v ("x": the layer input [B,T,D],
+  "positions": [B,T]).
+- `hooks`: default input/output hooks of the layer (`attnzoo.attention.hooks`).
+- `conformance`: how the shared conformance suite and the benchmark call it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +24,103 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
-IMPLEMENTATIONS = ("xla", "chunked", "pallas")
+# Every `implementation=` name a family may offer, in the order automatic choice prefers them.
+IMPLEMENTATIONS = ("xla", "chunked", "pallas", "ring", "recurrent")
+LAYER_INPUTS = ("x", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+  """The sizes a learned array's shape may depend on: model width D, query heads N, kv heads K,
+  query/key head dim H, value head dim V."""
+
+  D: int
+  N: int
+  K: int
+  H: int
+  V: int
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One array a family (or hook) learns or carries.
+
+  Attributes:
+    shape: `Dims -> tuple[int, ...]`, e.g. `lambda d: (d.D, d.N)` for a per-token head router.
+    init: `(key, shape, dtype) -> array` (any `jax.nn.initializers` function); zeros by default.
+    doc: one line for the docs and error messages.
+  """
+
+  shape: Callable[[Dims], tuple[int, ...]]
+  init: Callable[..., jax.Array] = zeros_init
+  doc: str = ""
+
+  def create(self, key, dims: Dims, dtype=jnp.float32) -> jax.Array:
+    return self.init(key, tuple(int(s) for s in self.shape(dims)), dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Aux:
+  """The second result of a family that declares aux outputs.
+
+  Attributes:
+    losses: name -> scalar; each name is declared in `Family.aux_losses` (its default weight).
+    metrics: name -> scalar, logged per step, never differentiated.
+    state: name -> new value of a declared `Family.state` array (written after the optimizer
+      step; the family should `stop_gradient` it).
+  """
+
+  losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  state: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformanceCase:
+  """One setting of a family under the conformance suite (and the benchmark).
+
+  Attributes:
+    options: keyword arguments for every call (knobs that need a value). They are written for
+      the suite's shapes (N=4 query heads, K=2 or 1 kv heads).
+    causal_only: this setting is only defined causally (e.g. a decayed recurrence).
+    input_scale: scale of the random q/k (unnormalised linear attention wants small inputs).
+  """
+
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  causal_only: bool = False
+  input_scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Conformance:
+  """How the shared conformance suite (and the benchmark) call a family.
+
+  Attributes:
+    cases: named settings; the suite runs every implementation under each.
+    implementation_options: extra keyword arguments per implementation (e.g. tile sizes that
+      make small test shapes span several tiles).
+    reference: the implementation every other one is compared with.
+    skip: implementation -> reason the standalone suite cannot run it (e.g. the ring needs a
+      multi-device mesh; it has its own test).
+    slow: implementations whose suite is marked slow (e.g. Pallas interpret mode).
+  """
+
+  cases: Mapping[str, ConformanceCase] = dataclasses.field(
+    default_factory=lambda: {"default": ConformanceCase()}
+  )
+  implementation_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  reference: str = "xla"
+  skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  slow: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,18 +129,21 @@ class Family:
 
   Attributes:
     name: registry key.
-    attention: the pure function `attention(q, k, v, *, ..., implementation=None)`
-      with the layout q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]
-      (or `(out, aux)` when `returns_aux`).
+    attention: the pure function (returns `(out, Aux)` when `returns_aux`).
     implementations: the `implementation=` values it accepts, best first.
     paper: "Title (arXiv id)" of the defining paper, or "" for textbook attention.
-    returns_aux: the function returns `(out, aux)`.
-    supports_mask: accepts `mask=` / `is_causal=` like softmax attention.
+    returns_aux: the function returns `(out, Aux)`; required when it declares state or losses.
+    supports_mask: accepts `mask=` / `bias=` like softmax attention.
     causal_only: only defined for causal attention (a recurrence).
     decode_step: optional single-token step `(state, q_t, k_t, v_t) -> (out_t, state)`.
     layer_knobs: optional `(knobs, *, layer, num_layers, num_heads) -> knobs`: resolves knob
       values that depend on the layer's depth (e.g. TNL's per-layer decay schedule) when a
       model builds its layers; the pure function itself only ever sees concrete values.
+    params, state: learned / carried arrays by keyword-argument name (see the module docstring).
+    aux_losses: loss name -> default weight.
+    layer_inputs: layer values passed by keyword (subset of `LAYER_INPUTS`).
+    hooks: default layer hooks by name (`attnzoo.attention.hooks.HOOKS`), in order.
+    conformance: options of the shared conformance suite and benchmark cases.
   """
 
   name: str
@@ -41,6 +155,49 @@ class Family:
   causal_only: bool = False
   decode_step: Callable[..., Any] | None = None
   layer_knobs: Callable[..., dict[str, Any]] | None = None
+  params: Mapping[str, ParamSpec] = dataclasses.field(default_factory=dict)
+  state: Mapping[str, ParamSpec] = dataclasses.field(default_factory=dict)
+  aux_losses: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  layer_inputs: tuple[str, ...] = ()
+  hooks: tuple[str, ...] = ()
+  conformance: Conformance = dataclasses.field(default_factory=Conformance)
+
+  def __post_init__(self):
+    unknown = [i for i in self.implementations if i not in IMPLEMENTATIONS]
+    if unknown:
+      raise ValueError(
+        f"family {self.name!r}: implementations {unknown} are not among {IMPLEMENTATIONS}; "
+        "add a new name to registry.IMPLEMENTATIONS first"
+      )
+    if (self.state or self.aux_losses) and not self.returns_aux:
+      raise ValueError(
+        f"family {self.name!r} declares state {sorted(self.state)} / aux losses "
+        f"{sorted(self.aux_losses)} but returns_aux=False; return (out, Aux) and set it"
+      )
+    bad = [i for i in self.layer_inputs if i not in LAYER_INPUTS]
+    if bad:
+      raise ValueError(f"family {self.name!r}: layer_inputs {bad} not among {LAYER_INPUTS}")
+    clash = set(self.params) & set(self.state)
+    if clash:
+      raise ValueError(f"family {self.name!r}: {sorted(clash)} is both a param and a state")
+
+  def init_arrays(self, key, dims: Dims, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Fresh values of every declared param and state array, by keyword name (for functional
+    use: tests, benchmarks, notebooks; the NNX layer creates the same from the same specs)."""
+    specs = {**self.params, **self.state}
+    keys = jax.random.split(key, max(len(specs), 1))
+    return {
+      name: spec.create(k, dims, dtype)
+      for (name, spec), k in zip(specs.items(), keys, strict=False)
+    }
+
+
+def current_mesh_axis(name: str) -> int:
+  """Size of axis `name` of the mesh set with `jax.set_mesh` (1 when absent or no mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or name not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[name])
 
 
 def resolve_implementation(
@@ -49,11 +206,11 @@ def resolve_implementation(
   *,
   family: str,
 ) -> str:
-  """Picks an implementation name; `None` means the best for the current platform.
+  """Picks an implementation name; `None` means the best for the current platform and mesh.
 
-  Raises ValueError for an unknown name. Automatic choice prefers the Pallas
-  kernel on GPU/TPU and the chunked jnp path on CPU, falling back (with a log
-  line, never silently) when the preferred one is absent.
+  Raises ValueError for an unknown name. Automatic choice: "ring" when the current mesh
+  (`jax.set_mesh`) splits the "sequence" axis, else the Pallas kernel on GPU/TPU and the
+  chunked jnp path on CPU; every step away from the first preference is logged.
   """
   if requested is not None:
     if requested not in available:
@@ -64,11 +221,36 @@ def resolve_implementation(
     return requested
   platform = jax.default_backend()
   preference = ("pallas", "chunked", "xla") if platform in ("gpu", "tpu") else ("chunked", "xla")
+  if current_mesh_axis("sequence") > 1:
+    preference = ("ring", *preference)
   for name in preference:
     if name in available:
       if name != preference[0]:
-        logging.info(
-          "%s: no %r implementation on %s, using %r", family, preference[0], platform, name
+        logging.log_first_n(
+          logging.INFO,
+          "%s: no %r implementation (%s), using %r",
+          8,
+          family,
+          preference[0],
+          "sequence-sharded mesh" if preference[0] == "ring" else platform,
+          name,
         )
       return name
-  return next(iter(available))
+  name = next(iter(available))
+  logging.log_first_n(
+    logging.INFO, "%s: none of %s available, using %r", 8, family, preference, name
+  )
+  return name
+
+
+def log_fallback(family: str, requested: str, used: str, reason: str) -> None:
+  """The one way an implementation hands a call to another: logged, never silent."""
+  logging.log_first_n(
+    logging.WARNING,
+    "%s: implementation %r cannot run this call (%s); using %r",
+    8,
+    family,
+    requested,
+    reason,
+    used,
+  )

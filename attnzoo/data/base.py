@@ -53,6 +53,15 @@ class Dataset(Protocol):
   @property
   def pad_id(self) -> int | None: ...
 
+  # Bytes of text one token stands for (1.0 for byte-level corpora): the trainer reports
+  # bits/byte when it is set. None for tasks whose tokens are not text.
+  bytes_per_token: ClassVar[float | None]
+
+  def baselines(self) -> dict[str, float]:
+    """Reference scores of trivial predictors on the test split (e.g. a unigram model's
+    bits/byte), logged by the trainer beside the model's; {} when there are none."""
+    ...
+
   def batch(self, step: int, batch_size: int, split: str = "train") -> Batch: ...
 
 

@@ -99,6 +99,11 @@ class _SequentialImages:
   task: ClassVar[str] = "classify"
   num_classes: ClassVar[int] = 10
   pad_id: ClassVar[None] = None
+  bytes_per_token: ClassVar[float | None] = None
+
+  def baselines(self) -> dict[str, float]:
+    return {}
+
   spatial_shape: ClassVar[tuple[int, int]]
   max_value: ClassVar[int]
 

@@ -137,6 +137,10 @@ class ListOps:
   num_classes: ClassVar[int] = 10
   spatial_shape: ClassVar[None] = None
   pad_id: ClassVar[int] = PAD
+  bytes_per_token: ClassVar[float | None] = None
+
+  def baselines(self) -> dict[str, float]:
+    return {}
 
   def __post_init__(self):
     require_int("max_depth", self.max_depth, 1)

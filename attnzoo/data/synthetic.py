@@ -85,6 +85,10 @@ class MQAR:
   num_classes: ClassVar[None] = None
   spatial_shape: ClassVar[None] = None
   pad_id: ClassVar[None] = None
+  bytes_per_token: ClassVar[float | None] = None
+
+  def baselines(self) -> dict[str, float]:
+    return {}
 
   def __post_init__(self):
     require_int("seq_len", self.seq_len, 4)
@@ -169,6 +173,10 @@ class SelectiveCopy:
   num_classes: ClassVar[None] = None
   spatial_shape: ClassVar[None] = None
   pad_id: ClassVar[None] = None
+  bytes_per_token: ClassVar[float | None] = None
+
+  def baselines(self) -> dict[str, float]:
+    return {}
 
   noise_id: ClassVar[int] = 0
 
@@ -253,6 +261,10 @@ class NeedleInHaystack:
   num_classes: ClassVar[None] = None
   spatial_shape: ClassVar[None] = None
   pad_id: ClassVar[None] = None
+  bytes_per_token: ClassVar[float | None] = None
+
+  def baselines(self) -> dict[str, float]:
+    return {}
 
   def __post_init__(self):
     if self.haystack not in HAYSTACKS:

@@ -48,6 +48,7 @@ class TextLM:
   num_classes: ClassVar[None] = None
   spatial_shape: ClassVar[None] = None
   pad_id: ClassVar[None] = None
+  bytes_per_token: ClassVar[float | None] = 1.0
 
   def __post_init__(self):
     if self.corpus not in corpora.CORPORA:
@@ -63,6 +64,9 @@ class TextLM:
     return corpora.load_corpus(
       self.corpus, max_bytes=self.max_bytes, test_fraction=self.test_fraction
     )
+
+  def baselines(self) -> dict[str, float]:
+    return {"unigram_bits_per_byte": self.unigram_bits_per_byte()}
 
   def unigram_bits_per_byte(self, split: str = "test") -> float:
     """Context-free baseline: cross-entropy of `split` under train byte frequencies."""

@@ -12,9 +12,13 @@ predicate for kernels, or a `BlockMap` of empty / partial / full tiles.
 from attnzoo.masks.base import And, Causal, Mask, Or
 from attnzoo.masks.local import AttentionSinks, Blocked, Chunked, GlobalTokens, SlidingWindow
 from attnzoo.masks.neighborhood import Neighborhood
+from attnzoo.masks.registry import MASKS, build_mask, mask_arguments
 from attnzoo.masks.tables import DenseMask, RandomBlocks, Segments
 
 __all__ = [
+  "MASKS",
+  "build_mask",
+  "mask_arguments",
   "And",
   "AttentionSinks",
   "Blocked",

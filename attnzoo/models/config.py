@@ -7,6 +7,15 @@ import math
 from typing import Any
 
 TASKS = ("lm", "classify")
+# Former names of fields -> the one name each concept has now (configs using them get an error).
+RENAMED = {
+  "kv_heads": "num_kv_heads",
+  "head_size": "head_dim",
+  "hidden_dim": "mlp_dim",
+  "max_len": "input_len",
+  "attention_output_norm": "knobs.<family>.hooks = 'srms_norm'",
+  "attention_output_gate": "knobs.<family>.hooks = 'output_gate'",
+}
 EMBEDDINGS = ("tokens", "patches")
 
 
@@ -19,21 +28,23 @@ class ModelConfig:
     task: "lm" (causal decoder, logits at every position) or "classify"
       (bidirectional encoder, mean-pooled, one label per sequence).
     vocab_size: input token vocabulary (pixel intensity levels for images).
-    max_len: L, the input length.
+    input_len: L, the number of input ids per example (pixels for images; the tokens that
+      attention sees are `seq_len`, fewer when patches group pixels).
     num_classes: labels of a "classify" model.
     dim, num_layers, num_heads: D, L layers, N.
-    num_kv_heads: K (N % K == 0): N = MHA, 1 = MQA, between = GQA. 0 means N.
-    head_dim: H; 0 means D // N.
-    mlp_dim: feed-forward width; 0 means 4 D (plain) or 8/3 D rounded to 8 (gated).
+    num_kv_heads: K (N % K == 0): N = MHA, 1 = MQA, between = GQA. 0 means N (resolved
+      in __post_init__: after construction it is always the actual K).
+    head_dim: H; 0 means D // N (resolved likewise).
+    mlp_dim: feed-forward width; 0 means 4 D (plain) or 8/3 D rounded to 8 (gated) (resolved).
     mlp: "plain" or "gated"; activation: "gelu", "relu" or "silu" (gated + silu = SwiGLU).
     norm: "rms" or "layer".
     attention: family name per layer; cycled when shorter than num_layers (hybrids).
-    knobs: (family, ((knob, value), ...)) pairs: each layer passes its family's knobs.
+    knobs: (family, ((knob, value), ...)) pairs: each layer passes its family's knobs
+      (including the layer knob `hooks`, e.g. TNL's "srms_norm+output_gate").
+    aux_weights: (loss name, weight) pairs overriding the families' default aux-loss weights.
     position: "none", "rope", "alibi" (inside attention) or "learned" (absolute, added
       to the embeddings).
-    attention_output_norm, attention_output_gate: TransNormerLLM's NormAttention output
-      (SRMSNorm over the merged heads, times a gate x W_u) before the output projection.
-    mask: name in `attnzoo.nn.MASKS` ("" = none) with `mask_kwargs` pairs.
+    mask: name in `attnzoo.masks.MASKS` ("" = none) with `mask_kwargs` pairs.
     spatial_shape: image shape of the input (H, W); the token grid is
       spatial_shape // patch_size and is what N-D masks see.
     patch_size: () embeds every input token (pixel or byte) through a table;
@@ -45,7 +56,7 @@ class ModelConfig:
 
   task: str
   vocab_size: int
-  max_len: int
+  input_len: int
   num_classes: int = 0
   dim: int = 128
   num_layers: int = 2
@@ -58,10 +69,9 @@ class ModelConfig:
   norm: str = "rms"
   attention: tuple[str, ...] = ("softmax",)
   knobs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+  aux_weights: tuple[tuple[str, float], ...] = ()
   position: str = "rope"
   rope_base: float = 10000.0
-  attention_output_norm: bool = False
-  attention_output_gate: bool = False
   mask: str = ""
   mask_kwargs: tuple[tuple[str, Any], ...] = ()
   spatial_shape: tuple[int, ...] = ()
@@ -79,9 +89,15 @@ class ModelConfig:
       raise ValueError(
         f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
       )
-    if self.num_heads % self.kv_heads:
+    resolve = lambda name, value: object.__setattr__(self, name, value)
+    resolve("num_kv_heads", self.num_kv_heads or self.num_heads)
+    resolve("head_dim", self.head_dim or self.dim // self.num_heads)
+    if not self.mlp_dim:
+      gated = 8 * ((8 * self.dim // 3 + 7) // 8)
+      resolve("mlp_dim", 4 * self.dim if self.mlp == "plain" else gated)
+    if self.num_heads % self.num_kv_heads:
       raise ValueError(
-        f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+        f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
       )
     if self.patch_size:
       if len(self.patch_size) != len(self.spatial_shape):
@@ -94,30 +110,17 @@ class ModelConfig:
           raise ValueError(
             f"patch_size={self.patch_size} does not tile spatial_shape={self.spatial_shape}"
           )
-    if self.spatial_shape and math.prod(self.spatial_shape) != self.max_len:
+    if self.spatial_shape and math.prod(self.spatial_shape) != self.input_len:
       raise ValueError(
         f"spatial_shape={self.spatial_shape} has {math.prod(self.spatial_shape)} "
-        f"pixels but max_len={self.max_len}"
+        f"pixels but input_len={self.input_len}"
       )
     if self.mlp not in ("plain", "gated"):
       raise ValueError(f"mlp={self.mlp!r} is not one of ('plain', 'gated')")
 
   def knobs_of(self, family: str) -> dict[str, Any]:
+    """The knobs a layer of `family` passes (empty when none were set)."""
     return dict(dict(self.knobs).get(family, ()))
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def head_size(self) -> int:
-    return self.head_dim or self.dim // self.num_heads
-
-  @property
-  def hidden_dim(self) -> int:
-    if self.mlp_dim:
-      return self.mlp_dim
-    return 4 * self.dim if self.mlp == "plain" else 8 * ((8 * self.dim // 3 + 7) // 8)
 
   @property
   def token_grid(self) -> tuple[int, ...]:
@@ -129,4 +132,5 @@ class ModelConfig:
 
   @property
   def seq_len(self) -> int:
-    return math.prod(self.token_grid) if self.spatial_shape else self.max_len
+    """T, the number of tokens attention sees (input_len, or the patch count of an image)."""
+    return math.prod(self.token_grid) if self.spatial_shape else self.input_len

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from attnzoo import nn
+from attnzoo import masks, nn
 from attnzoo.models.config import ModelConfig
 
 
@@ -30,7 +30,6 @@ class Block(nnx.Module):
     *,
     layer: int,
     mask: Any,
-    attention_fn: Callable[..., Any] | None,
     rngs: nnx.Rngs,
   ):
     dtype = jnp.dtype(cfg.dtype)
@@ -38,26 +37,24 @@ class Block(nnx.Module):
     self.attn = nn.Attention(
       cfg.dim,
       num_heads=cfg.num_heads,
-      num_kv_heads=cfg.kv_heads,
-      head_dim=cfg.head_size,
+      num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
       family=family,
       knobs=cfg.knobs_of(family),
+      aux_weights=dict(cfg.aux_weights),
       position=cfg.position if cfg.position != "learned" else "none",
       rope_base=cfg.rope_base,
       is_causal=cfg.task == "lm",
       mask=mask,
       dtype=dtype,
-      attention_fn=attention_fn,
       layer=layer,
       num_layers=cfg.num_layers,
-      output_norm=cfg.attention_output_norm,
-      output_gate=cfg.attention_output_gate,
       rngs=rngs,
     )
     self.mlp_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
     self.mlp = nn.MLP(
       cfg.dim,
-      cfg.hidden_dim,
+      cfg.mlp_dim,
       gated=cfg.mlp == "gated",
       activation=cfg.activation,
       dtype=dtype,
@@ -93,8 +90,6 @@ class Transformer(nnx.Module):
 
   Args:
     cfg: the model's hyper-parameters.
-    attention_fn: optional replacement attention function for every layer (ring
-      attention under sequence parallelism); None uses each layer's family.
     constrain: optional `(x, logical_axes) -> x` sharding constraint applied to the
       residual stream (logical axes "batch", "length", "embed"); the trainer builds it
       from the mesh and its activation rules.
@@ -105,7 +100,6 @@ class Transformer(nnx.Module):
     cfg: ModelConfig,
     *,
     rngs: nnx.Rngs,
-    attention_fn: Callable[..., Any] | None = None,
     constrain: Callable[..., Any] | None = None,
   ):
     self.cfg = cfg
@@ -121,10 +115,10 @@ class Transformer(nnx.Module):
       )
     else:
       self.pos_embed = None
-    mask = nn.build_mask(cfg.mask, cfg.token_grid or None, dict(cfg.mask_kwargs))
+    mask = masks.build_mask(cfg.mask, cfg.token_grid or None, dict(cfg.mask_kwargs))
     self.blocks = nnx.List(
       [
-        Block(cfg, family, layer=i, mask=mask, attention_fn=attention_fn, rngs=rngs)
+        Block(cfg, family, layer=i, mask=mask, rngs=rngs)
         for i, family in enumerate(nn.layer_families(cfg.attention, cfg.num_layers))
       ]
     )
@@ -139,8 +133,8 @@ class Transformer(nnx.Module):
     self, inputs_BL: Int[Array, "B L"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None
   ) -> Float[Array, "B ..."]:
     cfg = self.cfg
-    if inputs_BL.ndim != 2 or inputs_BL.shape[1] != cfg.max_len:
-      raise ValueError(f"inputs have shape {inputs_BL.shape}; expected [B, {cfg.max_len}]")
+    if inputs_BL.ndim != 2 or inputs_BL.shape[1] != cfg.input_len:
+      raise ValueError(f"inputs have shape {inputs_BL.shape}; expected [B, {cfg.input_len}]")
     if cfg.patch_size:
       patches = patchify(inputs_BL, cfg.spatial_shape, cfg.patch_size)
       x_BTD = self.embed(patches.astype(jnp.float32) / max(cfg.vocab_size - 1, 1))

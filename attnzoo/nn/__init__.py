@@ -1,30 +1,32 @@
 """Flax NNX building blocks: the attention layer, positions, MLP and norms."""
 
-from attnzoo.nn.attention import (
-  MASKS,
+from attnzoo.nn.attention_layer import (
   POSITIONS,
   Attention,
-  build_mask,
-  family_knobs,
+  AttentionAux,
+  AuxTotals,
+  FamilyState,
+  apply_state_updates,
   layer_families,
-  mask_arguments,
+  run_with_aux,
 )
 from attnzoo.nn.layers import ACTIVATIONS, MLP, NORMS, norm
 from attnzoo.nn.positions import alibi_bias, alibi_slopes, rope
 
 __all__ = [
   "ACTIVATIONS",
-  "MASKS",
   "MLP",
   "NORMS",
   "POSITIONS",
   "Attention",
+  "AttentionAux",
+  "AuxTotals",
+  "FamilyState",
   "alibi_bias",
   "alibi_slopes",
-  "build_mask",
-  "family_knobs",
+  "apply_state_updates",
   "layer_families",
-  "mask_arguments",
   "norm",
   "rope",
+  "run_with_aux",
 ]

@@ -7,10 +7,10 @@ from `POSITIONS` (none / rope / alibi). Learned absolute embeddings live in the 
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from attnzoo.attention import positions as shared_positions
 
 
 def rope(
@@ -39,24 +39,9 @@ def rope(
 
 
 def alibi_slopes(num_heads: int) -> Float[Array, " N"]:
-  """Head slopes of ALiBi, Press et al. (arXiv 2108.12409) §3.
-
-  For N a power of two: the geometric sequence 2^(-8/N), 2^(-16/N), ..., 2^(-8).
-  Otherwise the paper's recipe: the slopes of the closest smaller power of two,
-  then every other slope of the next power of two.
-  """
-
-  def pow2(n):
-    start = 2.0 ** (-8.0 / n)
-    return [start ** (i + 1) for i in range(n)]
-
-  if num_heads <= 0:
-    raise ValueError(f"num_heads={num_heads} must be positive")
-  closest = 2 ** int(math.floor(math.log2(num_heads)))
-  slopes = pow2(closest)
-  if closest != num_heads:
-    slopes += pow2(2 * closest)[0::2][: num_heads - closest]
-  return jnp.asarray(slopes, jnp.float32)
+  """ALiBi head slopes (arXiv 2108.12409 §3) as float32; the one definition is
+  `attnzoo.attention.positions.alibi_slopes`."""
+  return jnp.asarray(shared_positions.alibi_slopes(num_heads), jnp.float32)
 
 
 def alibi_bias(

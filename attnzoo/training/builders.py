@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 import jax
@@ -12,7 +11,9 @@ import ml_collections
 import optax
 
 from attnzoo import data as data_lib
+from attnzoo.attention import knobs as knobs_lib
 from attnzoo.models import ModelConfig
+from attnzoo.models.config import RENAMED
 
 
 def dataset(config: ml_collections.ConfigDict):
@@ -29,18 +30,33 @@ def _pairs(d) -> tuple[tuple[str, Any], ...]:
   )
 
 
-def model_config(config: ml_collections.ConfigDict, ds) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> ModelConfig:
   """ModelConfig from `config.model` and the dataset's shapes (vocab, length, classes, image).
 
   `config.model.attention` is one family name or a per-layer pattern separated by
-  "," or "+" (cycled over the layers): "softmax", "linear+softmax".
+  "," or "+" (cycled over the layers): "softmax", "linear+softmax". A field under a former
+  name (`model.kv_heads`, ...) raises, naming the current one.
   """
   m = config.model
-  pad_id = getattr(ds, "pad_id", None)
+  renamed = sorted(set(m.keys()) & set(RENAMED))
+  if renamed:
+    raise ValueError(
+      "config.model uses former names: "
+      + "; ".join(f"{old} is now {RENAMED[old]}" for old in renamed)
+    )
+  attention = knobs_lib.parse_pattern(m.attention)
+  declared = knobs_lib.aux_weights(attention)
+  weights = _pairs(m.get("aux_weights", {}))
+  unknown = sorted(k for k, _ in weights if k not in declared)
+  if unknown:
+    raise ValueError(
+      f"config.model.aux_weights sets {unknown}, which no family in {attention} declares; "
+      f"declared aux losses: {declared or 'none'}"
+    )
   return ModelConfig(
     task=ds.task,
     vocab_size=int(ds.vocab_size),
-    max_len=int(ds.seq_len),
+    input_len=int(ds.seq_len),
     num_classes=int(ds.num_classes or 0),
     dim=m.dim,
     num_layers=m.num_layers,
@@ -51,17 +67,16 @@ def model_config(config: ml_collections.ConfigDict, ds) -> ModelConfig:
     mlp=m.mlp,
     activation=m.activation,
     norm=m.norm,
-    attention=tuple(n.strip() for n in re.split(r"[,+]", m.attention) if n.strip()),
+    attention=attention,
     knobs=tuple(sorted((family, _pairs(knobs)) for family, knobs in m.knobs.items())),
+    aux_weights=weights,
     position=m.position,
     rope_base=float(m.rope_base),
-    attention_output_norm=bool(m.attention_output_norm),
-    attention_output_gate=bool(m.attention_output_gate),
     mask=m.mask,
     mask_kwargs=_pairs(m.mask_kwargs),
-    spatial_shape=tuple(getattr(ds, "spatial_shape", None) or ()),
+    spatial_shape=tuple(ds.spatial_shape or ()),
     patch_size=tuple(m.patch_size),
-    pad_id=-1 if pad_id is None else int(pad_id),
+    pad_id=-1 if ds.pad_id is None else int(ds.pad_id),
     dropout=float(m.dropout),
     dtype=m.dtype,
   )

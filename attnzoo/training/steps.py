@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from attnzoo import nn
+
 LN2 = math.log(2.0)
 
 
@@ -33,30 +35,41 @@ def metric_sums(logits, batch) -> dict[str, jax.Array]:
 
 
 def train_step(graphdef, state, batch, step, *, seed: int):
-  """One AdamW step on `batch`. Returns the new state and this step's metrics
-  (loss and accuracy before the update, and the global gradient norm)."""
+  """One AdamW step on `batch`. Returns the new state and this step's metrics: loss (the task's
+  cross-entropy) and accuracy before the update, the global gradient norm, and, for families
+  with aux outputs, `aux_loss` (weighted sum added to the objective) and every aux metric.
+
+  Carried family state (EMA centroids, usage counters) is written after the optimizer step."""
   model, optimizer = nnx.merge(graphdef, state)
   dropout_key = jax.random.fold_in(jax.random.key(seed), step)
 
   def loss_fn(model):
-    logits = model(batch["inputs"], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+    logits, aux = nn.run_with_aux(
+      model, batch["inputs"], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key)
+    )
     sums = metric_sums(logits, batch)
-    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+    loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
+    return loss + aux.loss, (loss, sums, aux)
 
-  (loss, sums), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  (_, (loss, sums, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
+  nn.apply_state_updates(model, aux.state)
   metrics = dict(
     loss=loss,
     accuracy=sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
     grad_norm=optax.tree.norm(grads),
   )
+  if aux.metrics:
+    metrics.update(aux_loss=aux.loss, **aux.metrics)
   return nnx.state((model, optimizer)), metrics
 
 
 def eval_step(graphdef, state, batch):
-  """Metric sums of the model on `batch` (no dropout); the caller adds them up."""
+  """Metric sums of the model on `batch` (no dropout); the caller adds them up. Aux outputs
+  are computed and dropped, and carried state is left as it is."""
   model, _ = nnx.merge(graphdef, state)
-  return metric_sums(model(batch["inputs"], deterministic=True), batch)
+  logits, _ = nn.run_with_aux(model, batch["inputs"], deterministic=True)
+  return metric_sums(logits, batch)
 
 
 def summarize(sums: dict[str, float], *, bytes_per_token: float | None) -> dict[str, float]:

@@ -23,31 +23,13 @@ from attnzoo.training import builders, checkpoints, sharding, steps
 from attnzoo.training.metrics import MetricsWriter, Progress
 
 
-def _attention_override(mesh, cfg):
-  """Ring attention for every layer when the sequence axis is split, else None."""
-  if mesh.shape["sequence"] == 1:
-    return None
-  if set(cfg.attention) != {"softmax"} or cfg.mask or cfg.position == "alibi":
-    raise ValueError(
-      f"sequence parallelism (mesh sequence={mesh.shape['sequence']}) runs ring attention, "
-      f"i.e. plain softmax attention; got attention={cfg.attention}, mask={cfg.mask!r}, "
-      f"position={cfg.position!r}. Use softmax without mask/ALiBi, or set mesh.sequence=1"
-    )
-  from attnzoo.attention.dense import ring  # noqa: PLC0415 (only sequence-parallel runs need it)
-
-  return functools.partial(ring.ring_attention, mesh=mesh, axis_name="sequence")
-
-
 def build_state(config, model_cfg, mesh):
   """(graphdef, abstract state, shardings, init_fn): model + optimizer, laid out on `mesh`."""
   tx = builders.optimizer(config.train)
-  attention_fn = _attention_override(mesh, model_cfg)
   constrain = sharding.activation_constraint(mesh)
 
   def create():
-    model = Transformer(
-      model_cfg, rngs=nnx.Rngs(params=config.seed), attention_fn=attention_fn, constrain=constrain
-    )
+    model = Transformer(model_cfg, rngs=nnx.Rngs(params=config.seed), constrain=constrain)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   graphdef, abstract = nnx.split(nnx.eval_shape(create))
@@ -62,18 +44,23 @@ def train_and_evaluate(
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final eval metrics.
 
   `stop_at` ends the run after that step without a final checkpoint, as a kill would
-  (used by the resume test).
+  (used by the resume test). The mesh is JAX's current mesh while the run traces
+  (`jax.set_mesh`): implementations that need devices (ring attention over the "sequence"
+  axis) read it from there, so the model and the trainer never name them.
   """
-  # ------------------------------------------------------------------ setup
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+  with jax.set_mesh(mesh):
+    return _train_and_evaluate(config, workdir, mesh, stop_at)
 
+
+def _train_and_evaluate(config, workdir, mesh, stop_at):
   # ------------------------------------------------------------------ data
   ds = builders.dataset(config)
-  bytes_per_token = 1.0 if hasattr(ds, "unigram_bits_per_byte") else None
-  if bytes_per_token:
-    logging.info("unigram baseline: %.4f bits/byte (test split)", ds.unigram_bits_per_byte())
+  bytes_per_token = ds.bytes_per_token
+  for name, value in ds.baselines().items():
+    logging.info("baseline %s: %.4f (test split)", name, value)
 
   # ------------------------------------------------------------------ model & optimizer
   model_cfg = builders.model_config(config, ds)
@@ -107,8 +94,14 @@ def train_and_evaluate(
   batch_sh = sharding.batch_shardings(example, mesh)
 
   def device_batch(step, batch_size, split):
+    # Every process computes the same global batch (a function of seed and step) and puts
+    # only its own devices' shards (`jax.device_put` of a host array onto a multi-process
+    # mesh would first compare the array across processes, a collective per call).
     b = ds.batch(step, batch_size, split)
-    return {k: jax.device_put(b[k], batch_sh[k]) for k in ("inputs", "targets", "weights")}
+    return {
+      k: jax.make_array_from_callback(b[k].shape, batch_sh[k], lambda index, x=b[k]: x[index])
+      for k in ("inputs", "targets", "weights")
+    }
 
   def evaluate():
     sums = None

@@ -1,16 +1,15 @@
-"""The conformance suite every attention family and implementation subclasses.
+"""The conformance suite every attention family and implementation runs.
 
-A subclass names a registry family, an implementation and the reference to
-compare against, then inherits the structural tests:
+`suite(family, implementation, case)` builds the test class of one (family, implementation,
+setting); `tests/attention/test_conformance.py` generates one for every registered family ×
+implementation × `Family.conformance.cases` entry, so a new family joins by registration alone.
+Everything family-specific comes from its registry entry: knobs per setting, per-implementation
+options, learned/carried arrays (`Family.init_arrays`), layer inputs, aux results (dropped).
 
-    class TestSoftmaxChunked(AttentionConformance):
-      family = "softmax"
-      implementation = "chunked"
-
-Tests: output shape/dtype; jit equals eager; causality by gradient; GQA equals
-MHA with repeated kv heads; fully masked rows give zeros and finite gradients;
-forward and gradients against the reference (f32 and bf16); lengths that are
-not tile multiples and T != S.
+Tests: output shape/dtype; jit equals eager; causality by gradient; GQA equals MHA with
+repeated kv heads; MQA; fully masked rows give zeros and finite gradients; forward and
+gradients against the reference implementation (f32 and bf16); lengths that are not tile
+multiples and T != S.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnzoo import attention
+from attnzoo import attention, masks
+from attnzoo.attention import registry
 from tests.tolerances import assert_close
 
 
@@ -36,33 +36,54 @@ def random_qkv(seed, B, T, S, N, K, H, Hv=None, dtype=jnp.float32, scale=1.0):
   return q, k, v
 
 
-class AttentionConformance:
-  """Base class (not collected: no `Test` prefix). Override the class attributes."""
+def call_family(family: registry.Family, q, k, v, *, implementation, seed=0, **kw):
+  """Calls `family` the way the attention layer does, from q/k/v alone: declared arrays from
+  their specs (fixed seed), layer inputs synthesised from the shapes, aux dropped."""
+  B, T, N, H = q.shape
+  K, V = k.shape[2], v.shape[-1]
+  dims = registry.Dims(D=N * H, N=N, K=K, H=H, V=V)
+  arrays = family.init_arrays(jax.random.key(1000 + seed), dims)
+  inputs = {
+    "x": jax.random.normal(jax.random.key(2000 + seed), (B, T, N * H)).astype(q.dtype),
+    "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+  }
+  for name in family.layer_inputs:
+    kw[name] = inputs[name]
+  out = family.attention(q, k, v, implementation=implementation, **arrays, **kw)
+  return out[0] if family.returns_aux else out
 
-  family: ClassVar[str] = "softmax"
+
+class AttentionConformance:
+  """Base class (not collected: no `Test` prefix). `suite(...)` fills the class attributes."""
+
+  family: ClassVar[str | registry.Family] = "softmax"
   implementation: ClassVar[str | None] = None
-  reference_implementation: ClassVar[str] = "xla"
-  # Options passed to every call (family knobs, block sizes, interpret=True, ...).
   options: ClassVar[dict[str, Any]] = {}
-  # Options of the reference call; default: the same as `options` minus implementation-only ones.
   reference_options: ClassVar[dict[str, Any] | None] = None
   supports_noncausal: ClassVar[bool] = True
-  supports_mask: ClassVar[bool] = True
   # Shape used by most tests: B, T, S, N, K, H, Hv. T, S deliberately not tile multiples.
   shape: ClassVar[tuple[int, ...]] = (2, 37, 45, 4, 2, 16, 8)
-  # Input scale: linear attention without normalisation wants small inputs.
   input_scale: ClassVar[float] = 1.0
 
   # ---------------------------------------------------------------- helpers
 
+  @property
+  def entry(self) -> registry.Family:
+    return self.family if isinstance(self.family, registry.Family) else attention.get(self.family)
+
+  @property
+  def supports_mask(self) -> bool:
+    return self.entry.supports_mask
+
   def attend(self, q, k, v, **kw):
-    fn = attention.get(self.family).attention
-    return fn(q, k, v, implementation=self.implementation, **{**self.options, **kw})
+    return call_family(
+      self.entry, q, k, v, implementation=self.implementation, **{**self.options, **kw}
+    )
 
   def reference(self, q, k, v, **kw):
-    fn = attention.get(self.family).attention
     opts = self.options if self.reference_options is None else self.reference_options
-    return fn(q, k, v, implementation=self.reference_implementation, **{**opts, **kw})
+    impl = self.entry.conformance.reference
+    return call_family(self.entry, q, k, v, implementation=impl, **{**opts, **kw})
 
   def inputs(self, seed=0, dtype=jnp.float32, shape=None, causal=False):
     B, T, S, N, K, H, Hv = shape or self.shape
@@ -71,8 +92,9 @@ class AttentionConformance:
     return random_qkv(seed, B, T, S, N, K, H, Hv, dtype, self.input_scale)
 
   def as_mask(self, keep: np.ndarray):
-    """The `mask=` argument for a bool [T, S] keep pattern (default: the array itself)."""
-    return jnp.asarray(keep)
+    """The `mask=` argument for a bool [T, S] keep pattern: a `DenseMask`, which every
+    implementation (kernels included, as a table input) takes."""
+    return masks.DenseMask(keep)
 
   def causal_cases(self):
     return (True,) if not self.supports_noncausal else (False, True)
@@ -150,7 +172,7 @@ class AttentionConformance:
 
   def test_fully_masked_rows_are_zero_with_finite_gradients(self):
     if not self.supports_mask:
-      pytest.skip(f"the {self.family!r} family takes no mask")
+      pytest.skip(f"the {self.entry.name!r} family takes no mask")
     q, k, v = self.inputs(seed=7)
     T, S = q.shape[1], k.shape[1]
     keep = np.ones((T, S), bool)
@@ -180,3 +202,39 @@ class AttentionConformance:
         self.reference(q, k, v, is_causal=causal),
         err_msg=f"{T=} {S=} {causal=}",
       )
+
+
+def suite(family: str | registry.Family, implementation: str, case: str = "default") -> type:
+  """The conformance test class of `family` (a registry name or an unregistered `Family`)
+  under `implementation` and setting `case` of its `Family.conformance`."""
+  entry = family if isinstance(family, registry.Family) else attention.get(family)
+  spec = entry.conformance
+  setting = spec.cases[case]
+  impl_options = dict(spec.implementation_options.get(implementation, {}))
+  ref_options = dict(spec.implementation_options.get(spec.reference, {}))
+  attrs = dict(
+    family=entry,
+    implementation=implementation,
+    options={**setting.options, **impl_options},
+    reference_options={**setting.options, **ref_options},
+    supports_noncausal=not (entry.causal_only or setting.causal_only),
+    input_scale=setting.input_scale,
+  )
+  title = "".join(p.capitalize() for p in f"{entry.name}_{implementation}_{case}".split("_"))
+  cls = type(f"Test{title}", (AttentionConformance,), attrs)
+  return pytest.mark.slow(cls) if implementation in spec.slow else cls
+
+
+def suites(family: str | registry.Family) -> dict[str, type]:
+  """Every conformance class of `family`: implementations × settings, by class name.
+  Implementations in `Family.conformance.skip` are left out (their reason says where they are
+  tested instead, e.g. the ring on 8 virtual devices)."""
+  entry = family if isinstance(family, registry.Family) else attention.get(family)
+  spec = entry.conformance
+  classes = [
+    suite(entry, impl, case)
+    for impl in entry.implementations
+    if impl not in spec.skip
+    for case in spec.cases
+  ]
+  return {cls.__name__: cls for cls in classes}

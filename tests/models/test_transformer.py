@@ -24,7 +24,9 @@ def _tokens(shape, vocab, seed=0):
 
 @pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
 def test_causal_lm_cannot_see_the_future(position):
-  cfg = ModelConfig(task="lm", vocab_size=11, max_len=10, position=position, num_kv_heads=1, **TINY)
+  cfg = ModelConfig(
+    task="lm", vocab_size=11, input_len=10, position=position, num_kv_heads=1, **TINY
+  )
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   x = _tokens((2, 10), 11)
   t = 4
@@ -37,7 +39,7 @@ def test_causal_lm_cannot_see_the_future(position):
 
 def test_classifier_without_positions_is_permutation_invariant():
   cfg = ModelConfig(
-    task="classify", vocab_size=7, max_len=9, num_classes=3, position="none", **TINY
+    task="classify", vocab_size=7, input_len=9, num_classes=3, position="none", **TINY
   )
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   x = _tokens((2, 9), 7)
@@ -49,7 +51,7 @@ def test_classifier_without_positions_is_permutation_invariant():
 
 def test_classifier_pools_over_non_pad_tokens_only():
   cfg = ModelConfig(
-    task="classify", vocab_size=7, max_len=8, num_classes=3, position="none", pad_id=0, **TINY
+    task="classify", vocab_size=7, input_len=8, num_classes=3, position="none", pad_id=0, **TINY
   )
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   x = jnp.array([[3, 4, 5, 6, 1, 2, 3, 4]])
@@ -74,7 +76,7 @@ def test_neighborhood_mask_sees_the_2d_token_grid():
   cfg = ModelConfig(
     task="classify",
     vocab_size=17,
-    max_len=64,
+    input_len=64,
     num_classes=10,
     spatial_shape=(8, 8),
     patch_size=(2, 2),
@@ -121,7 +123,7 @@ def test_hybrid_stack_uses_one_family_per_layer(monkeypatch):
   cfg = ModelConfig(
     task="classify",
     vocab_size=5,
-    max_len=6,
+    input_len=6,
     num_classes=2,
     position="none",
     attention=("uniform", "softmax"),
@@ -140,11 +142,11 @@ def test_hybrid_stack_uses_one_family_per_layer(monkeypatch):
     (dict(task="classify", num_classes=1), "num_classes"),
     (dict(num_heads=5), "divisible"),
     (dict(num_kv_heads=3), "divisible"),
-    (dict(spatial_shape=(4, 4), patch_size=(3, 3), max_len=16), "tile"),
+    (dict(spatial_shape=(4, 4), patch_size=(3, 3), input_len=16), "tile"),
     (dict(mlp="moe"), "mlp"),
   ],
 )
 def test_model_config_rejects_bad_values(kwargs, match):
-  base = dict(task="lm", vocab_size=8, max_len=8, dim=12, num_heads=4)
+  base = dict(task="lm", vocab_size=8, input_len=8, dim=12, num_heads=4)
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**base, **kwargs})

@@ -141,7 +141,7 @@ def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
   the heads are SRMSNorm-ed over the merged heads and gated by x W_u (arXiv 2307.14995 §3)."""
   from attnzoo.attention.linear import linear, tnl  # noqa: PLC0415
 
-  knobs = dict(decay="tnl", feature_map="silu", implementation="xla")
+  knobs = dict(decay="tnl", feature_map="silu", implementation="xla", hooks="srms_norm+output_gate")
   layers = [
     nn.Attention(
       D,
@@ -153,8 +153,6 @@ def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
       is_causal=True,
       layer=i,
       num_layers=3,
-      output_norm=True,
-      output_gate=True,
       rngs=nnx.Rngs(0),
     )
     for i in range(3)
@@ -171,7 +169,8 @@ def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
     feature_map="silu",
     implementation="xla",
   )
-  normed = tnl.norm_attention_output(heads, layer.gate(x).reshape(heads.shape[:2] + (-1,)))
+  gate = jnp.einsum("btd,dnv->btnv", x, layer.hook_params["output_gate"]["kernel"][...])
+  normed = tnl.norm_attention_output(heads, gate.reshape(heads.shape[:2] + (-1,)))
   tolerances.assert_close(layer(x), layer.out(normed.reshape(heads.shape)))
   with pytest.raises(ValueError, match="per-layer schedule"):
     linear.attention(heads, heads, heads, decay="tnl")

@@ -95,6 +95,7 @@ def dot_product_attention(
         "implementation='pallas' takes structured masks and segment ids, not a dense "
         "bias/mask array; use implementation='chunked' for those"
       )
+    registry.log_fallback("softmax", "pallas", "chunked", "a dense bias/mask array")
     name = "chunked"
   return _IMPLEMENTATIONS[name](
     q,
@@ -252,11 +253,57 @@ def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, i
   )
 
 
-_IMPLEMENTATIONS = {"xla": _xla, "chunked": _chunked, "pallas": _pallas}
+def _ring(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, **_):
+  """Ring attention over the "sequence" axis of the current mesh (`jax.set_mesh`).
+
+  The ring supports causality, segment ids and the soft cap; any other mask or a bias raises
+  here, naming what to change (sequence parallelism is a mesh setting, so the error comes from
+  the family, not from the trainer)."""
+  from attnzoo.attention.dense import ring  # noqa: PLC0415 (needs a mesh; rarely used)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "sequence" not in mesh.axis_names:
+    raise ValueError(
+      "implementation='ring' shards the sequence over the 'sequence' axis of the current "
+      "mesh, but no such mesh is set; run inside `with jax.set_mesh(mesh):` with a mesh "
+      "that has a 'sequence' axis, or pick another implementation"
+    )
+  is_causal = isinstance(structured, Causal) and structured.offset == 0
+  if (structured is not None and not is_causal) or dense_mask is not None or bias is not None:
+    raise NotImplementedError(
+      f"implementation='ring' (sequence parallelism, mesh sequence={mesh.shape['sequence']}) "
+      f"supports is_causal, segment_ids and logits_soft_cap only; got mask={structured!r}, "
+      f"dense mask={'yes' if dense_mask is not None else 'no'}, "
+      f"bias={'yes' if bias is not None else 'no'}. Drop them, or set the mesh's "
+      "sequence axis to 1"
+    )
+  return ring.ring_attention(
+    q,
+    k,
+    v,
+    mesh=mesh,
+    axis_name="sequence",
+    is_causal=is_causal,
+    scale=scale,
+    segment_ids=segment_ids,
+    logits_soft_cap=soft_cap,
+  )
+
+
+_IMPLEMENTATIONS = {"xla": _xla, "chunked": _chunked, "pallas": _pallas, "ring": _ring}
 
 FAMILY = registry.Family(
   name="softmax",
   attention=dot_product_attention,
   implementations=tuple(_IMPLEMENTATIONS),
   paper="Attention Is All You Need (arXiv 1706.03762)",
+  conformance=registry.Conformance(
+    # Tiles smaller than the suite's lengths, so ragged tiles and skipping are exercised.
+    implementation_options={
+      "chunked": {"block_sizes": BlockSizes(16, 8)},
+      "pallas": {"block_sizes": BlockSizes(16, 16), "interpret": True},
+    },
+    skip={"ring": "needs a mesh with a sequence axis: tests/attention/dense/test_ring.py"},
+    slow=("pallas",),  # the Pallas interpreter is slow per grid step
+  ),
 )

@@ -22,27 +22,11 @@ Differences from the paper / choices where it is silent:
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
-
-def alibi_slopes(num_heads: int) -> np.ndarray:
-  """ALiBi slopes 2^{-8(h+1)/H}, with ALiBi's interleaving when H is not a power of two."""
-  if num_heads < 1:
-    raise ValueError(f"num_heads={num_heads} must be >= 1")
-
-  def power_of_two(n):
-    start = 2.0 ** (-8.0 / n)
-    return [start ** (i + 1) for i in range(n)]
-
-  if math.log2(num_heads).is_integer():
-    return np.asarray(power_of_two(num_heads), np.float64)
-  closest = 2 ** math.floor(math.log2(num_heads))
-  extra = alibi_slopes(2 * closest)[0::2][: num_heads - closest]
-  return np.concatenate([power_of_two(closest), extra])
+from attnzoo.attention.hooks import srms_norm
+from attnzoo.attention.positions import alibi_slopes
 
 
 def tnl_slopes(num_heads: int, layer_idx: int, num_layers: int) -> Float[Array, " N"]:
@@ -51,14 +35,6 @@ def tnl_slopes(num_heads: int, layer_idx: int, num_layers: int) -> Float[Array, 
     raise ValueError(f"layer_idx={layer_idx} must be in [0, num_layers={num_layers})")
   depth = 0.0 if num_layers == 1 else layer_idx / (num_layers - 1)
   return jnp.asarray(-alibi_slopes(num_heads) * (1.0 - depth + 1e-5), jnp.float32)
-
-
-def srms_norm(x: Float[Array, "... D"], eps: float = 1e-6) -> Float[Array, "... D"]:
-  """SRMSNorm(x) = x / sqrt(mean(x²) + eps) over the last axis, in fp32, cast back."""
-  x32 = x.astype(jnp.float32)
-  return (x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps))).astype(
-    x.dtype
-  )
 
 
 def norm_attention_output(

@@ -8,22 +8,15 @@ import pytest
 from attnzoo import attention, masks
 from attnzoo.attention import dot_product_attention as dpa
 from pallas_kernels.block_sparse import BlockSizes
-from tests.attention.conformance import AttentionConformance, random_qkv
+from tests.attention import conformance
+from tests.attention.conformance import random_qkv
 from tests.tolerances import assert_close
 
 
-class TestSoftmaxXla(AttentionConformance):
-  implementation = "xla"
-
-
-class TestSoftmaxChunked(AttentionConformance):
-  implementation = "chunked"
-  options = {"block_sizes": BlockSizes(16, 8)}
-  reference_options = {}
-
-
-class TestSoftmaxChunkedDefaultTiles(AttentionConformance):
-  implementation = "chunked"
+# The per-implementation conformance classes are generated from the registry
+# (tests/attention/test_conformance.py); this one adds the default tile sizes.
+class TestSoftmaxChunkedDefaultTiles(conformance.suite("softmax", "chunked")):
+  options = {}
   shape = (1, 600, 530, 4, 1, 8, 8)  # several 512-tiles, ragged at both ends
 
 
@@ -251,23 +244,13 @@ def _check_pallas_equals_xla(mask, **kw):
     assert_close(g, w, grad=True, err_msg=f"d{n}")
 
 
-# ~90 s of CPU in interpret mode (the conformance suite plus every mask kind): slow. The fast
-# loop keeps the wiring tests below and tests/pallas_kernels/block_sparse/test_*_tables.py.
+# ~60 s of CPU in interpret mode: slow. The fast loop keeps the wiring tests below and
+# tests/pallas_kernels/block_sparse/test_*_tables.py.
 @pytest.mark.slow
-class TestSoftmaxPallas(AttentionConformance):
-  implementation = "pallas"
-  options = {"block_sizes": BlockSizes(16, 16), "interpret": True}
-  reference_options = {}
-
-  def as_mask(self, keep):
-    # A dense mask array is routed to "chunked"; the same keep pattern as a DenseMask runs
-    # through the kernel (its table is a kernel input).
-    return masks.DenseMask(keep)
-
-  @pytest.mark.parametrize("name", sorted({**_mask_cases(), **_mixed_mask_cases()}))
-  def test_every_mask_kind_matches_xla(self, name):
-    """Every attnzoo mask, including those that read tables, runs through the kernel."""
-    _check_pallas_equals_xla({**_mask_cases(), **_mixed_mask_cases()}[name])
+@pytest.mark.parametrize("name", sorted({**_mask_cases(), **_mixed_mask_cases()}))
+def test_pallas_every_mask_kind_matches_xla(name):
+  """Every attnzoo mask, including those that read tables, runs through the kernel."""
+  _check_pallas_equals_xla({**_mask_cases(), **_mixed_mask_cases()}[name])
 
 
 @pytest.mark.parametrize("case", ["dense_and_causal", "documents", "documents_and_segment_ids"])
