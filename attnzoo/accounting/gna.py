@@ -46,6 +46,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from attnzoo.masks import Neighborhood
+
 KV_TILINGS = ("static", "dynamic")
 
 
@@ -87,30 +89,14 @@ def amdahl(attention_share: float, speedup: float) -> float:
 def axis_keep(
   n: int, window: int, stride: int = 1, dilation: int = 1, causal: bool = False
 ) -> np.ndarray:
-  """bool[n, n]: the GNA keep matrix along one axis (query x, key y), in original positions."""
+  """bool[n, n]: the GNA keep matrix along one axis (query x, key y), in original positions.
+
+  The rule itself lives once, in `attnzoo.masks.Neighborhood` (NATTEN/GNA semantics)."""
   _check_axis(n, window, stride, dilation)
-  keep = np.zeros((n, n), bool)
-  for g in range(dilation):
-    members = np.arange(g, n, dilation)
-    if members.size == 0:
-      continue
-    local = _undilated_keep(members.size, window, stride, causal)
-    keep[np.ix_(members, members)] = local
-  return keep
-
-
-def _undilated_keep(n: int, window: int, stride: int, causal: bool) -> np.ndarray:
-  x = np.arange(n)[:, None]
-  y = np.arange(n)[None, :]
-  # A dilation group shorter than the window sees all of it (the window is clipped to the group).
-  w = min(window, n)
-  if causal:
-    leader = np.minimum((x // stride) * stride + stride - 1, n - 1)
-    return (y <= x) & (leader - y < w)
-  wl, wr = w // 2, w // 2 + w % 2 - 1
-  leader = np.minimum((x // stride) * stride + stride // 2, n - 1)
-  centre = np.clip(leader, wl, n - 1 - wr)
-  return (centre - wl <= y) & (y <= centre + wr)
+  mask = Neighborhood(
+    shape=(n,), window=(window,), stride=(stride,), dilation=(dilation,), causal=(causal,)
+  )
+  return mask.dense(n, n)
 
 
 def _axis_tile_counts(
