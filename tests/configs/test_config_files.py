@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import common
+from configs import common, lm_bytes
 
 NAMES = ["lm_bytes", "mqar", "selective_copy", "listops", "needle", "digits", "mnist"]
 
@@ -72,3 +72,27 @@ def test_command_line_rejects_unknown_key(tmp_path):
   )
   assert proc.returncode != 0
   assert "lerning_rate" in proc.stderr and "learning_rate" in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "old, new", [("kv_heads", "num_kv_heads"), ("max_len", "input_len"), ("hidden_dim", "mlp_dim")]
+)
+def test_a_former_model_field_name_raises_naming_the_current_one(old, new):
+  from attnzoo import data  # noqa: PLC0415
+  from attnzoo.training import builders  # noqa: PLC0415
+
+  config = lm_bytes.get_config("smoke")
+  with config.unlocked():
+    config.model[old] = 2
+  with pytest.raises(ValueError, match=f"{old} is now {new}"):
+    builders.model_config(config, data.get_dataset("stdlib", seq_len=32))
+
+
+def test_hooks_and_aux_weights_are_declared_for_every_family():
+  config = lm_bytes.get_config("attention=linear+softmax,smoke")
+  assert set(config.model.knobs) == {"linear", "softmax"}
+  assert all("hooks" in knobs for knobs in config.model.knobs.values())
+  with pytest.raises(ValueError, match="unknown attention hooks"):
+    from attnzoo.attention import hooks  # noqa: PLC0415
+
+    hooks.parse("srms_norm+nope")
