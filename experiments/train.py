@@ -9,6 +9,7 @@ file is intentionally short: the logic lives in `attnzoo.training` (importable, 
 
 import logging as std_logging
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,10 +18,19 @@ from attnzoo.training import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "get_config(arg) file[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints and metrics.jsonl go here")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+# Multi-host: the same command on every host (one process per host) with --multihost; the
+# mesh spans all processes' devices; --workdir must be one directory every host sees.
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost",
+  False,
+  "call jax.distributed.initialize() first (CPU collectives via gloo); pass the three "
+  "flags below unless JAX detects the cluster itself (TPU pods, SLURM, GKE)",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, the same on every process"
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,6 +49,8 @@ def main(argv):
     num_processes=_NUM_PROCESSES.value,
     process_id=_PROCESS_ID.value,
   )
+  if jax.process_index() != 0:  # one progress log per job; the others report problems only
+    logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", _CONFIG.value)
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -85,7 +85,11 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
-    """Moves an unreadable step out of the manager's directory (never deletes it)."""
+    """Moves an unreadable step out of the manager's directory (never deletes it).
+
+    Multi-host: every process reads the step, process 0 alone moves it once all have
+    finished reading (a second mover would find it gone and crash).
+    """
     src = os.path.join(self.directory, str(step))
     dst_dir = os.path.join(self.workdir, "corrupt_checkpoints")
     os.makedirs(dst_dir, exist_ok=True)
@@ -102,7 +106,10 @@ class Checkpointer:
       str(error).splitlines()[0][:300],
       dst,
     )
-    shutil.move(src, dst)
+    _sync(f"attnzoo_set_aside_{step}_read")
+    if jax.process_index() == 0:
+      shutil.move(src, dst)
+    _sync(f"attnzoo_set_aside_{step}_moved")
     self.manager.reload()
 
   def save(self, step: int, state, meta: dict[str, Any]) -> bool:
@@ -119,6 +126,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _sync(name: str) -> None:
+  """Barrier across the processes of a multi-host run (nothing on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
 
 
 def state_shapes(state) -> dict[str, list[int]]:

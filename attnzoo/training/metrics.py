@@ -7,6 +7,7 @@ import math
 import os
 import time
 
+import jax
 from absl import logging
 
 
@@ -15,10 +16,14 @@ class MetricsWriter:
 
   On resume from step s0, lines with step > s0 (written after the checkpoint the run
   resumes from) are dropped first, so the file always describes one consistent run.
+  In a multi-host run only process 0 writes (the others would duplicate every line).
   """
 
   def __init__(self, workdir: str, *, resume_step: int):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0:  # multi-host: every process has the same metrics; one writes
+      self._file = open(os.devnull, "w")  # noqa: SIM115
+      return
     if os.path.exists(self.path):
       with open(self.path) as f:
         lines = [line for line in f if line.strip()]

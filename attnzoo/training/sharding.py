@@ -168,19 +168,30 @@ def maybe_initialize_distributed(
 ) -> None:
   """`jax.distributed.initialize` for multi-host runs (no-op unless `enabled`).
 
+  Call it first, before anything touches a device (jax.devices(), an array, a jit).
   With no arguments JAX auto-detects the cluster (TPU pods, SLURM, GKE); pass them
-  explicitly elsewhere.
+  explicitly elsewhere: every process gets the same `coordinator_address` (host:port
+  of process 0) and `num_processes`, and its own `process_id`. After it, `jax.devices()`
+  lists every process's devices and the mesh spans them all.
+
+  CPU processes exchange collectives through gloo (`jax_cpu_collectives_implementation`);
+  it is the default in recent JAX and set here where it is not (older JAX defaults to
+  none, and cross-process CPU collectives then fail). It must be set before the CPU
+  backend starts, hence here; it does not affect GPU/TPU backends.
   """
   if not enabled:
     return
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = dict(
     coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
   )
   jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
   logging.info(
-    "jax.distributed: process %d of %d, %d local / %d global devices",
+    "jax.distributed: process %d of %d, %d local / %d global devices (%s)",
     jax.process_index(),
     jax.process_count(),
     jax.local_device_count(),
     jax.device_count(),
+    jax.default_backend(),
   )
