@@ -61,11 +61,38 @@ def _output_gate(params, out_BTNV, *, x_BTD):
   return out_BTNV * gate_BTNV.astype(out_BTNV.dtype)
 
 
+def _qk_norm(params, q_BTNH, k_BTKH, v_BTKV, *, x_BTD):
+  """RMS-normalise every query and key head vector, times a learned per-head scale."""
+  del x_BTD
+
+  def rms(x, scale_XH):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)
+    return (x32 * scale_XH.astype(jnp.float32)[None, None]).astype(x.dtype)
+
+  return rms(q_BTNH, params["query_scale"]), rms(k_BTKH, params["key_scale"]), v_BTKV
+
+
+def _ones(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.ones(shape, dtype)
+
+
 def _lecun_normal(key, shape, dtype=jnp.float32):
   return jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))(key, shape, dtype)
 
 
 HOOKS: dict[str, Hook] = {
+  "qk_norm": Hook(
+    stage="input",
+    apply=_qk_norm,
+    params={
+      "query_scale": ParamSpec(lambda d: (d.N, d.H), _ones, "per-head query scale"),
+      "key_scale": ParamSpec(lambda d: (d.K, d.H), _ones, "per-head key scale"),
+    },
+    doc="QK-norm: RMSNorm of each q and k head with a learned scale (Dehghani et al., "
+    "arXiv 2302.05442 §3.1; there LayerNorm) before positions and the family",
+  ),
   "srms_norm": Hook(
     stage="output",
     apply=_srms_norm_heads,
@@ -82,7 +109,7 @@ HOOKS: dict[str, Hook] = {
 
 def parse(spec: str | tuple[str, ...] | None) -> tuple[str, ...]:
   """'srms_norm+output_gate' (or a tuple) -> ('srms_norm', 'output_gate'); unknown names raise."""
-  if spec is None:
+  if spec is None or spec == "none":
     return ()
   names = (
     tuple(n.strip() for n in spec.replace(",", "+").split("+"))

@@ -174,3 +174,28 @@ def test_tnl_layer_resolves_the_decay_schedule_and_norms_and_gates_the_output():
   tolerances.assert_close(layer(x), layer.out(normed.reshape(heads.shape)))
   with pytest.raises(ValueError, match="per-layer schedule"):
     linear.attention(heads, heads, heads, decay="tnl")
+
+
+def test_input_hook_qk_norm_and_hook_knob_replace_the_family_default():
+  """Hooks are family knobs: "qk_norm" normalises q/k heads before the family; "none" drops
+  a family's default hooks; unknown names raise."""
+  layer = nn.Attention(
+    D, num_heads=N, num_kv_heads=2, head_dim=H, knobs=dict(XLA, hooks="qk_norm"), rngs=nnx.Rngs(0)
+  )
+  assert layer.hook_params["qk_norm"]["key_scale"][...].shape == (2, H)
+  layer.hook_params["qk_norm"]["query_scale"][...] = jnp.full((N, H), 2.0)
+  x = _x()
+
+  def rms(t):
+    return t / jnp.sqrt(jnp.mean(t * t, -1, keepdims=True) + 1e-6)
+
+  from attnzoo.attention import dot_product_attention  # noqa: PLC0415
+
+  heads = dot_product_attention(
+    2.0 * rms(layer.query(x)), rms(layer.key(x)), layer.value(x), implementation="xla"
+  )
+  tolerances.assert_close(layer(x), layer.out(heads))
+  with pytest.raises(ValueError, match="unknown attention hooks"):
+    nn.Attention(
+      D, num_heads=N, num_kv_heads=N, head_dim=H, knobs=dict(hooks="nope"), rngs=nnx.Rngs(0)
+    )
