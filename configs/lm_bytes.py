@@ -15,7 +15,8 @@ corpus=stdlib|shakespeare, tnl, smoke.
 `tnl` configures a TransNormerLLM-style model (arXiv 2307.14995 §3; Lightning Attention-2,
 arXiv 2401.04658): linear attention with SiLU feature maps, the official per-head, per-layer
 decay schedule (`decay="tnl"`, resolved from each layer's depth), NormAttention output
-(SRMSNorm over the heads, gated by x W_u), no positional encoding beyond the decay:
+(SRMSNorm over the heads, gated by x W_u: the hooks "srms_norm+output_gate"), SRMSNorm block
+norms, no positional encoding beyond the decay:
 
     python -m experiments.train --config configs/lm_bytes.py:tnl --workdir /tmp/attnzoo/lm_tnl
 
@@ -39,6 +40,7 @@ def get_config(arg=None):
     c.model.knobs.linear.decay = "tnl"
     c.model.knobs.linear.feature_map = "silu"
     c.model.knobs.linear.hooks = "srms_norm+output_gate"  # NormAttention: Norm(QKᵀV) ⊙ x W_u
+    c.model.norm = "srms"  # TNL's block norms are SRMSNorm too
     c.model.position = "none"
   c.data.name = arg.corpus
   c.data.seq_len = 128

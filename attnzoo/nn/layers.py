@@ -6,12 +6,29 @@ import jax
 from flax import nnx
 from jaxtyping import Array, Float
 
+from attnzoo.attention import hooks
+
+
+class SRMSNorm(nnx.Module):
+  """SRMSNorm: RMSNorm without a learned scale (TransNormerLLM, arXiv 2307.14995 §3.2), the
+  norm of every TNL block. The function itself is `attnzoo.attention.hooks.srms_norm` (one
+  definition, shared with the NormAttention output hook)."""
+
+  def __init__(self, dim: int, *, dtype=None, rngs: nnx.Rngs | None = None):
+    del dim, rngs
+    self.dtype = dtype
+
+  def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    y = hooks.srms_norm(x)
+    return y if self.dtype is None else y.astype(self.dtype)
+
+
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
-NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm}
+NORMS = {"rms": nnx.RMSNorm, "layer": nnx.LayerNorm, "srms": SRMSNorm}
 
 
 def norm(kind: str, dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """RMSNorm (arXiv 1910.07467) or LayerNorm (arXiv 1607.06450), nnx's own modules."""
+  """RMSNorm (arXiv 1910.07467), LayerNorm (arXiv 1607.06450) or SRMSNorm (no scale)."""
   if kind not in NORMS:
     raise ValueError(f"norm={kind!r} is not one of {sorted(NORMS)}")
   return NORMS[kind](dim, dtype=dtype, rngs=rngs)

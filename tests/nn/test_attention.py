@@ -199,3 +199,10 @@ def test_input_hook_qk_norm_and_hook_knob_replace_the_family_default():
     nn.Attention(
       D, num_heads=N, num_kv_heads=N, head_dim=H, knobs=dict(hooks="nope"), rngs=nnx.Rngs(0)
     )
+
+
+def test_srms_norm_layer_has_no_scale_and_unit_rms():
+  layer = nn.norm("srms", D, dtype=None, rngs=nnx.Rngs(0))
+  y = layer(_x() * 5.0)
+  assert not jax.tree.leaves(nnx.state(layer, nnx.Param))
+  tolerances.assert_close(jnp.sqrt(jnp.mean(y * y, -1)), jnp.ones((B, T)))
