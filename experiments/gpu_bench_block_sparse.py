@@ -7,99 +7,44 @@ r"""GPU benchmark of the block-sparse Pallas kernel (Triton lowering) against cu
 Two tables, bf16, written as `<out>.json` and `<out>.md`:
 1. Dense (full mask): forward and forward+backward TFLOP/s of `block_sparse_attention` with an
    all-FULL BlockMap next to `jax.nn.dot_product_attention(implementation="cudnn" | "xla")`,
-   T = S = 1k..32k, head dim H = 64 and 128, B*T = 32k tokens, N*H = 1024. An OOM or an
-   unsupported implementation is recorded as such, not fatal.
+   T = S = 1k..32k, head dim H = 64 and 128, B*T = 32k tokens, N*H = 1024. Each implementation
+   runs its lengths as one series (`experiments.bench.runner.run_series`, in-process): an OOM
+   or unsupported implementation is a row with its status, and its longer T are skipped.
 2. Density sweep (T = 16k, H = 128): speed-up of the kernel on 1-D / 2-D neighborhood masks and
    random block masks over the same kernel on the full mask, next to the ideal 1 / density
    (density = fraction of tiles visited).
 
 FLOPs are model FLOPs of the visited work: forward 4*B*N*T*S*H*density (two matmuls), and
 forward+backward 3.5x that (FlashAttention-2 convention: the backward's five matmuls, counting
-the recomputed QK^T, are 2.5x the forward). Times: median of `repeats` calls after a
-compile + warm-up call (`block_until_ready`); fwd+bwd is `jax.vjp` plus the pullback of a
-fixed random cotangent.
+the recomputed QK^T, are 2.5x the forward). Times: the shared loop
+(`experiments.bench.measure.time_call`): median of `repeats` calls after a compile + warm-up
+call, forward and the gradient of <out, g> for a fixed random g.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from attnzoo import masks
-from experiments.timing import cell, median_seconds
-from pallas_kernels.block_sparse import BlockMap, BlockSizes, block_sparse_attention
+from experiments.bench import measure, runner, table
+from pallas_kernels import block_sparse
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 HEAD_DIMS = (64, 128)
 TOKENS = 32768  # B * T per point
 WIDTH = 1024  # N * H per point
 SWEEP_T = 16384
-
-
-def _time(fn, *args, repeats: int) -> float:
-  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
-
-
-def _inputs(B, T, N, H, dtype):
-  keys = jax.random.split(jax.random.key(0), 4)
-  return tuple(jax.random.normal(key, (B, T, N, H), jnp.float32).astype(dtype) for key in keys)
-
-
-def _fwd_and_fwd_bwd(attend):
-  fwd = jax.jit(attend)
-
-  @jax.jit
-  def fwd_bwd(q, k, v, d_out):
-    out, pullback = jax.vjp(attend, q, k, v)
-    return out, pullback(d_out)
-
-  return fwd, fwd_bwd
-
-
-def _measure(name, attend, q, k, v, d_out, flops_fwd, repeats):
-  row = dict(impl=name)
-  fwd, fwd_bwd = _fwd_and_fwd_bwd(attend)
-  for mode, fn, args, flops in (
-    ("fwd", fwd, (q, k, v), flops_fwd),
-    ("fwd_bwd", fwd_bwd, (q, k, v, d_out), 3.5 * flops_fwd),
-  ):
-    try:
-      seconds = _time(fn, *args, repeats=repeats)
-      row[f"{mode}_ms"] = seconds * 1e3
-      row[f"{mode}_tflops"] = flops / seconds / 1e12
-    except Exception as e:  # noqa: BLE001 (OOM / unsupported shape: recorded, not fatal)
-      row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-  return row
-
-
-def _kernel(block_map, mask_fn, block_sizes, interpret):
-  backend = "gpu"
-
-  def attend(q, k, v):
-    return block_sparse_attention(
-      q,
-      k,
-      v,
-      block_map,
-      mask_fn=mask_fn,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      backend=backend,
-    )
-
-  return attend
+FWD_BWD_FLOPS = 3.5  # forward+backward FLOPs per forward FLOP (FlashAttention-2 convention)
+KERNEL = "pallas_block_sparse"
 
 
 def _full_map(T, block_sizes):
   qb, kb = -(-T // block_sizes.block_q), -(-T // block_sizes.block_k)
-  return BlockMap.from_block_mask(
-    np.full((qb, kb), 2, np.int32),
+  return block_sparse.BlockMap.from_block_mask(
+    np.full((qb, kb), block_sparse.FULL, np.int32),
     block_q=block_sizes.block_q,
     block_k=block_sizes.block_k,
     seq_q=T,
@@ -107,25 +52,73 @@ def _full_map(T, block_sizes):
   )
 
 
-def dense_table(
-  lengths, head_dims, block_sizes, *, repeats, dtype, interpret, peers, tokens, width
-):
+def _kernel(block_map, mask, block_sizes):
+  """The kernel on `block_map`; `mask` (or None for all-FULL maps) decides PARTIAL tiles."""
+  kwargs = {}
+  if mask is not None:
+    kwargs = dict(mask_fn=block_sparse.MaskPredicate(mask), mask_tables=tuple(mask.tables()))
+  return lambda q, k, v: block_sparse.block_sparse_attention(
+    q, k, v, block_map, block_sizes=block_sizes, **kwargs
+  )
+
+
+def _attend(point: dict, block_sizes, mask):
+  impl, T = point["impl"], point["T"]
+  if impl != KERNEL:
+    return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation=impl.removeprefix("dpa_")
+    )
+  if mask is None:
+    return _kernel(_full_map(T, block_sizes), None, block_sizes)
+  return _kernel(mask.block_map(T, T, block_sizes.block_q, block_sizes.block_k), mask, block_sizes)
+
+
+def _measurer(block_sizes: block_sparse.BlockSizes, sweep_masks: dict):
+  """`point -> result` for `run_series`; `sweep_masks`: mask name -> mask (None = all FULL)."""
+
+  def measure_point(point: dict) -> dict:
+    B, T, N, H = point["B"], point["T"], point["N"], point["H"]
+    q, k, v = measure.random_qkv(B, T, N, H, point["dtype"])
+    attend = _attend(point, block_sizes, sweep_masks.get(point.get("mask")))
+    res = measure.time_call(
+      lambda q, k, v, params, consts: attend(q, k, v),
+      q,
+      k,
+      v,
+      repeats=point["repeats"],
+    )
+    flops = dict(fwd=point["flops_fwd"], fwdbwd=FWD_BWD_FLOPS * point["flops_fwd"])
+    for mode in measure.MODES:
+      if f"{mode}_ms" in res:
+        res[f"{mode}_tflops"] = flops[mode] / (res[f"{mode}_ms"] / 1e3) / 1e12
+    return res
+
+  return measure_point
+
+
+def _series(points, block_sizes, log_name, sweep_masks=None):
+  rows = runner.run_series(
+    points, isolate=False, measure_fn=_measurer(block_sizes, sweep_masks or {})
+  )
+  for row in rows:
+    print(f"[gpu_bench_block_sparse] {log_name(row)}: {runner.one_line(row)}", flush=True)
+  return rows
+
+
+def dense_table(lengths, head_dims, block_sizes, *, repeats, dtype, peers, tokens, width):
+  impls = (KERNEL, *(f"dpa_{p}" for p in peers))
   rows = []
   for H in head_dims:
     N = max(1, width // H)
-    for T in lengths:
-      B = max(1, tokens // T)
-      q, k, v, d_out = _inputs(B, T, N, H, dtype)
-      flops = 4.0 * B * N * T * T * H
-      point = dict(T=T, H=H, B=B, N=N)
-      attend = _kernel(_full_map(T, block_sizes), None, block_sizes, interpret)
-      rows.append(point | _measure("pallas_block_sparse", attend, q, k, v, d_out, flops, repeats))
-      for impl in peers:
-        attend = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-          q, k, v, implementation=impl
-        )
-        rows.append(point | _measure(f"dpa_{impl}", attend, q, k, v, d_out, flops, repeats))
-      print(json.dumps(rows[-1]), flush=True)
+    for impl in impls:
+      points = [
+        dict(impl=impl, T=T, H=H, B=max(1, tokens // T), N=N, dtype=dtype, repeats=repeats)
+        for T in lengths
+      ]
+      for p in points:
+        p["flops_fwd"] = 4.0 * p["B"] * N * p["T"] * p["T"] * H
+      rows += _series(points, block_sizes, lambda r: f"dense {r['impl']} H={r['H']} T={r['T']}")
+  rows.sort(key=lambda r: (r["H"], r["T"], impls.index(r["impl"])))
   return rows
 
 
@@ -160,62 +153,67 @@ def _sweep_masks(T, block_sizes):
   return cases
 
 
-def density_table(T, H, block_sizes, *, repeats, dtype, interpret, tokens, width):
+def density_table(T, H, block_sizes, *, repeats, dtype, tokens, width):
   N, B = max(1, width // H), max(1, tokens // T)
-  q, k, v, d_out = _inputs(B, T, N, H, dtype)
-  rows, full = [], None
-  for name, mask in _sweep_masks(T, block_sizes):
+  sweep = dict(_sweep_masks(T, block_sizes))
+  rows = []
+  for name, mask in sweep.items():
     if mask is None:
       block_map = _full_map(T, block_sizes)
     else:
       block_map = mask.block_map(T, T, block_sizes.block_q, block_sizes.block_k)
     density = block_map.density()
-    attend = _kernel(block_map, None if mask is None else mask.predicate, block_sizes, interpret)
-    flops = 4.0 * B * N * T * T * H * density
-    row = dict(mask=name, T=T, H=H, density=density, ideal_speedup=1.0 / density)
-    row |= _measure("pallas_block_sparse", attend, q, k, v, d_out, flops, repeats)
-    full = row if mask is None else full
-    for mode in ("fwd", "fwd_bwd"):
-      if f"{mode}_ms" in row and full and f"{mode}_ms" in full:
+    point = dict(impl=KERNEL, mask=name, T=T, H=H, B=B, N=N, dtype=dtype, repeats=repeats)
+    point |= dict(density=density, ideal_speedup=1.0 / density)
+    point["flops_fwd"] = 4.0 * B * N * T * T * H * density
+    rows += _series([point], block_sizes, lambda r: f"density {r['mask']}", sweep)
+  full = rows[0]
+  for row in rows:
+    for mode in measure.MODES:
+      if f"{mode}_ms" in row and f"{mode}_ms" in full:
         row[f"{mode}_speedup"] = full[f"{mode}_ms"] / row[f"{mode}_ms"]
-    rows.append(row)
-    print(json.dumps(row), flush=True)
   return rows
 
 
-def _fmt(row, mode, field, spec):
-  return cell(row.get(f"{mode}_{field}"), row.get(f"{mode}_error", ""), spec)
+def _note(r):
+  return r.get("reason") if r["status"] != "ok" else None
+
+
+DENSE_COLUMNS = [
+  table.Column("T", "T"),
+  table.Column("H", "H"),
+  table.Column("B x N", lambda r: f"{r['B']} x {r['N']}"),
+  table.Column("impl", "impl"),
+  table.Column("fwd ms", "fwd_ms", ".3f", status=True),
+  table.Column("fwd TFLOP/s", "fwd_tflops", ".3g", status=True),
+  table.Column("fwd+bwd ms", "fwdbwd_ms", ".3f", status=True),
+  table.Column("fwd+bwd TFLOP/s", "fwdbwd_tflops", ".3g", status=True),
+  table.Column("note", _note),
+]
+DENSITY_COLUMNS = [
+  table.Column("mask", "mask"),
+  table.Column("density", "density", ".4f"),
+  table.Column("ideal 1/density", "ideal_speedup", ".2f"),
+  table.Column("fwd speed-up", "fwd_speedup", ".2f", status=True),
+  table.Column("fwd+bwd speed-up", "fwdbwd_speedup", ".2f", status=True),
+  table.Column("fwd TFLOP/s (visited)", "fwd_tflops", ".3g", status=True),
+  table.Column("note", _note),
+]
 
 
 def to_markdown(doc) -> str:
   lines = [
-    f"# Block-sparse kernel on {doc['device']} (jax {doc['jax']}, {doc['dtype']})",
+    f"# Block-sparse kernel on {doc['machine']['device']} (jax {doc['machine']['jax']}, "
+    f"{doc['dtype']})",
     "",
     "## Dense (full mask): TFLOP/s",
     "",
-    "| T | H | B x N | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
-  for r in doc["dense"]:
-    lines.append(
-      f"| {r['T']} | {r['H']} | {r['B']} x {r['N']} | {r['impl']} | "
-      f"{_fmt(r, 'fwd', 'ms', '.3f')} | {_fmt(r, 'fwd', 'tflops', '.3g')} | "
-      f"{_fmt(r, 'fwd_bwd', 'ms', '.3f')} | {_fmt(r, 'fwd_bwd', 'tflops', '.3g')} |"
-    )
-  lines += [
+    table.markdown(doc["dense"], DENSE_COLUMNS),
     "",
     f"## Speed-up vs density (kernel on the full mask = 1), T={doc['sweep_T']}",
     "",
-    "| mask | density | ideal 1/density | fwd speed-up | fwd+bwd speed-up | "
-    "fwd TFLOP/s (visited) |",
-    "|---|---|---|---|---|---|",
+    table.markdown(doc["density"], DENSITY_COLUMNS),
   ]
-  for r in doc["density"]:
-    lines.append(
-      f"| {r['mask']} | {r['density']:.4f} | {r['ideal_speedup']:.2f} | "
-      f"{_fmt(r, 'fwd', 'speedup', '.2f')} | {_fmt(r, 'fwd_bwd', 'speedup', '.2f')} | "
-      f"{_fmt(r, 'fwd', 'tflops', '.3g')} |"
-    )
   if doc.get("note"):
     lines += ["", doc["note"]]
   return "\n".join(lines) + "\n"
@@ -229,7 +227,7 @@ def run(
   head_dims=HEAD_DIMS,
   sweep_T: int = SWEEP_T,
   repeats: int = 5,
-  block_sizes: BlockSizes | None = None,
+  block_sizes: block_sparse.BlockSizes | None = None,
 ) -> dict:
   """Runs both tables and writes `<out_prefix>.json` and `<out_prefix>.md`; returns the doc.
 
@@ -239,21 +237,20 @@ def run(
   tokens, width = TOKENS, WIDTH
   if dry_run:
     lengths, head_dims, sweep_T, repeats = (256,), (64,), 256, 1
-    block_sizes = block_sizes or BlockSizes(64, 64)
+    block_sizes = block_sizes or block_sparse.BlockSizes(64, 64)
     tokens, width = 256, 128
   elif jax.default_backend() != "gpu":
     raise RuntimeError(
       f"no GPU (jax.default_backend()={jax.default_backend()!r}); "
       "pass dry_run=True (--dry_run) to check the script in interpret mode"
     )
-  block_sizes = block_sizes or BlockSizes(128, 64, num_warps=4, num_stages=2)
+  block_sizes = block_sizes or block_sparse.BlockSizes(128, 64, num_warps=4, num_stages=2)
   interpret = jax.default_backend() != "gpu"
   peers = ("xla",) if interpret else ("cudnn", "xla")
-  dtype = jnp.bfloat16
+  dtype = "bfloat16"
   doc = dict(
-    device=str(jax.devices()[0].device_kind),
-    jax=jax.__version__,
-    dtype="bfloat16",
+    machine=runner.machine(),
+    dtype=dtype,
     block_sizes=dataclasses.asdict(block_sizes),
     tokens_per_point=tokens,
     width=width,
@@ -261,39 +258,11 @@ def run(
     interpret=interpret,
     note="CPU dry run: interpreter timings, not GPU figures." if interpret else "",
   )
-  try:
-    doc["dense"] = dense_table(
-      lengths,
-      head_dims,
-      block_sizes,
-      repeats=repeats,
-      dtype=dtype,
-      interpret=interpret,
-      peers=peers,
-      tokens=tokens,
-      width=width,
-    )
-    doc["density"] = density_table(
-      sweep_T,
-      max(head_dims),
-      block_sizes,
-      repeats=repeats,
-      dtype=dtype,
-      interpret=interpret,
-      tokens=tokens,
-      width=width,
-    )
-  except Exception:
-    doc["error"] = traceback.format_exc()
-    raise
-  finally:
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-      json.dump(doc, f, indent=1)
-    if "density" in doc:
-      with open(out_prefix + ".md", "w") as f:
-        f.write(to_markdown(doc))
-  print(f"[gpu_bench_block_sparse] wrote {out_prefix}.json and {out_prefix}.md")
+  common = dict(repeats=repeats, dtype=dtype, tokens=tokens, width=width)
+  doc["dense"] = dense_table(lengths, head_dims, block_sizes, peers=peers, **common)
+  doc["density"] = density_table(sweep_T, max(head_dims), block_sizes, **common)
+  paths = table.write(doc, out_prefix, to_markdown(doc))
+  print(f"[gpu_bench_block_sparse] wrote {paths[0]} and {paths[1]}")
   return doc
 
 

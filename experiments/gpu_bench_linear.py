@@ -17,29 +17,21 @@ with --tokens=0), N heads of dim H, GQA off:
   dpa_cudnn        jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")
   dpa_xla          jax.nn.dot_product_attention(is_causal=True, implementation="xla")
 
-Reported per point: median ms of `repeats` calls after a compile + warm-up call, and tokens/s =
-B·T / time, for the forward and for forward+backward (`jax.vjp` + pullback of a fixed
-cotangent). An OOM or unsupported case is recorded in the row, not fatal. Output: `<out>.json`,
-`<out>.md`. On CPU without --dry_run the Pallas rows run in the interpreter (labelled).
+Reported per point: median ms and tokens/s = B·T / time, forward and forward+backward, timed by
+the shared loop (`experiments.bench.measure.time_call`); each implementation runs its lengths
+as one series (`experiments.bench.runner.run_series`, in-process): an OOM or unsupported case is
+a row with its status, and the longer T of that implementation are skipped. Output:
+`<out>.json`, `<out>.md`. On CPU the Pallas rows run in the interpreter (labelled).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import jax
-import jax.numpy as jnp
 
-from experiments.timing import cell, median_seconds
+from experiments.bench import measure, runner, table
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 IMPLS = ("linear_pallas", "linear_chunked", "block_sparse", "dpa_cudnn", "dpa_xla")
-
-
-def _time(fn, *args, repeats: int) -> float:
-  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _attend_fn(impl: str, *, heads: int, block_size: int, T: int):
@@ -59,9 +51,8 @@ def _attend_fn(impl: str, *, heads: int, block_size: int, T: int):
     sizes = block_sparse.BlockSizes(128, 64) if T >= 128 else block_sparse.BlockSizes(T, T)
     mask = masks.Causal()
     block_map = mask.block_map(T, T, sizes.block_q, sizes.block_k)
-    interpret = jax.default_backend() == "cpu"
     return lambda q, k, v: block_sparse.block_sparse_attention(
-      q, k, v, block_map, mask_fn=mask.predicate, block_sizes=sizes, interpret=interpret
+      q, k, v, block_map, mask_fn=block_sparse.MaskPredicate(mask), block_sizes=sizes
     )
   if impl.startswith("dpa_"):
     implementation = impl.removeprefix("dpa_")
@@ -71,55 +62,49 @@ def _attend_fn(impl: str, *, heads: int, block_size: int, T: int):
   raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
-def measure(impl, B, T, N, H, dtype, *, block_size, repeats, passes=("fwd", "fwd_bwd")):
-  keys = jax.random.split(jax.random.key(0), 4)
-  # Small inputs: unnormalised linear attention grows with Σ q·k (see the family docstring).
-  q, k, v, d_out = (0.3 * jax.random.normal(key, (B, T, N, H), jnp.float32) for key in keys)
-  q, k, v, d_out = (x.astype(dtype) for x in (q, k, v, d_out))
-  row = dict(impl=impl, B=B, T=T, N=N, H=H, dtype=jnp.dtype(dtype).name)
+def measure_point(point: dict) -> dict:
+  """One (impl, T) point: times and tokens/s; failures are statuses (see `time_call`)."""
+  B, T, N, H = point["B"], point["T"], point["N"], point["H"]
   try:
-    attend = _attend_fn(impl, heads=N, block_size=block_size, T=T)
+    attend = _attend_fn(point["impl"], heads=N, block_size=point["block_size"], T=T)
   except Exception as e:  # noqa: BLE001 (a peer that does not exist here is recorded)
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return row
-
-  @jax.jit
-  def fwd_bwd(q, k, v, d_out):
-    out, pullback = jax.vjp(attend, q, k, v)
-    return out, pullback(d_out)
-
-  cases = dict(fwd=(jax.jit(attend), (q, k, v)), fwd_bwd=(fwd_bwd, (q, k, v, d_out)))
-  for mode in passes:
-    fn, args = cases[mode]
-    try:
-      seconds = _time(fn, *args, repeats=repeats)
-      row[f"{mode}_ms"] = seconds * 1e3
-      row[f"{mode}_tokens_per_s"] = B * T / seconds
-      row[f"{mode}_us_per_token"] = seconds / (B * T) * 1e6
-    except Exception as e:  # noqa: BLE001 (OOM / unsupported shape: recorded, not fatal)
-      row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-  return row
+    return dict(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+  # Small inputs: unnormalised linear attention grows with Σ q·k (see the family docstring).
+  q, k, v = measure.random_qkv(B, T, N, H, point["dtype"], input_scale=0.3)
+  res = measure.time_call(
+    lambda q, k, v, params, consts: attend(q, k, v),
+    q,
+    k,
+    v,
+    repeats=point["repeats"],
+    backward=point["backward"],
+  )
+  for mode in measure.MODES:
+    if f"{mode}_ms" in res:
+      res[f"{mode}_tokens_per_s"] = B * T / (res[f"{mode}_ms"] / 1e3)
+  return res
 
 
-def _fmt(row, key, spec):
-  mode = "fwd_bwd" if key.startswith("fwd_bwd") else "fwd"
-  return cell(row.get(key), row.get(f"{mode}_error", "") or row.get("error", ""), spec)
+COLUMNS = [
+  table.Column("T", "T"),
+  table.Column("B", "B"),
+  table.Column("impl", "impl"),
+  table.Column("fwd ms", "fwd_ms", ".3f", status=True),
+  table.Column("fwd tokens/s", "fwd_tokens_per_s", ".4g", status=True),
+  table.Column("fwd+bwd ms", "fwdbwd_ms", ".3f", status=True),
+  table.Column("fwd+bwd tokens/s", "fwdbwd_tokens_per_s", ".4g", status=True),
+  table.Column("note", lambda r: r.get("reason") if r["status"] != "ok" else None),
+]
 
 
 def to_markdown(doc) -> str:
   lines = [
-    f"# Linear vs softmax attention on {doc['device']} (jax {doc['jax']}, {doc['dtype']}, "
-    f"causal, N={doc['heads']}, H={doc['head_dim']}, B·T={doc['tokens'] or 'T (B=1)'})",
+    f"# Linear vs softmax attention on {doc['machine']['device']} (jax {doc['machine']['jax']}, "
+    f"{doc['dtype']}, causal, N={doc['heads']}, H={doc['head_dim']}, "
+    f"B·T={doc['tokens'] or 'T (B=1)'})",
     "",
-    "| T | B | impl | fwd ms | fwd tokens/s | fwd+bwd ms | fwd+bwd tokens/s |",
-    "|---|---|---|---|---|---|---|",
+    table.markdown(doc["rows"], COLUMNS),
   ]
-  for r in doc["rows"]:
-    lines.append(
-      f"| {r['T']} | {r['B']} | {r['impl']} | {_fmt(r, 'fwd_ms', '.3f')} | "
-      f"{_fmt(r, 'fwd_tokens_per_s', '.4g')} | {_fmt(r, 'fwd_bwd_ms', '.3f')} | "
-      f"{_fmt(r, 'fwd_bwd_tokens_per_s', '.4g')} |"
-    )
   if doc.get("note"):
     lines += ["", doc["note"]]
   return "\n".join(lines) + "\n"
@@ -138,11 +123,12 @@ def run(
   dtype="bfloat16",
   block_size=64,
   repeats=5,
-  passes=("fwd", "fwd_bwd"),
+  passes=("fwd", "fwdbwd"),
 ) -> dict:
   """Measures every (T, impl) point and writes `<out_prefix>.json` / `.md`; returns the doc.
 
-  `tokens` > 0 fixes B·T (B = tokens // T); `tokens=0` uses B = `batch` at every T.
+  `tokens` > 0 fixes B·T (B = tokens // T); `tokens=0` uses B = `batch` at every T. The
+  forward is always timed; forward+backward when `passes` names it ("fwdbwd" or "fwd_bwd").
   `dry_run` shrinks everything so the script runs in seconds on CPU (interpreter timings).
   """
   if dry_run:
@@ -150,8 +136,7 @@ def run(
     impls = tuple(i for i in impls if i != "dpa_cudnn")
   on_cpu = jax.default_backend() == "cpu"
   doc = dict(
-    device=str(jax.devices()[0].device_kind),
-    jax=jax.__version__,
+    machine=runner.machine(),
     dtype=dtype,
     heads=heads,
     head_dim=head_dim,
@@ -160,33 +145,28 @@ def run(
     note="CPU: Pallas rows run in the interpreter; not GPU figures." if on_cpu else "",
     rows=[],
   )
-  try:
-    for T in lengths:
-      B = max(1, tokens // T) if tokens else batch
-      for impl in impls:
-        row = measure(
-          impl,
-          B,
-          T,
-          heads,
-          head_dim,
-          jnp.dtype(dtype),
-          block_size=block_size,
-          repeats=repeats,
-          passes=passes,
-        )
-        doc["rows"].append(row)
-        print(json.dumps(row), flush=True)
-  except Exception:
-    doc["error"] = traceback.format_exc()
-    raise
-  finally:
-    os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-      json.dump(doc, f, indent=1)
-    with open(out_prefix + ".md", "w") as f:
-      f.write(to_markdown(doc))
-  print(f"[gpu_bench_linear] wrote {out_prefix}.json and {out_prefix}.md")
+  backward = bool({"fwdbwd", "fwd_bwd"} & set(passes))
+  for impl in impls:
+    points = [
+      dict(
+        impl=impl,
+        T=int(T),
+        B=max(1, tokens // T) if tokens else batch,
+        N=heads,
+        H=head_dim,
+        dtype=dtype,
+        block_size=block_size,
+        repeats=repeats,
+        backward=backward,
+      )
+      for T in lengths
+    ]
+    for row in runner.run_series(points, isolate=False, measure_fn=measure_point):
+      doc["rows"].append(row)
+      print(f"[gpu_bench_linear] {impl} T={row['T']}: {runner.one_line(row)}", flush=True)
+  doc["rows"].sort(key=lambda r: (r["T"], impls.index(r["impl"])))
+  paths = table.write(doc, out_prefix, to_markdown(doc))
+  print(f"[gpu_bench_linear] wrote {paths[0]} and {paths[1]}")
   return doc
 
 
@@ -197,7 +177,7 @@ if __name__ == "__main__":
   flags.DEFINE_bool("dry_run", False, "tiny run (CPU, interpret mode) to check the script")
   flags.DEFINE_list("lengths", [str(t) for t in LENGTHS], "sequence lengths T")
   flags.DEFINE_list("impls", list(IMPLS), f"implementations, from {IMPLS}")
-  flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd")
+  flags.DEFINE_list("passes", ["fwd", "fwd_bwd"], "fwd is always timed; fwd_bwd adds the backward")
   flags.DEFINE_integer("tokens", 65536, "B·T per point; 0 = use --batch at every T")
   flags.DEFINE_integer("batch", 1, "batch size when --tokens=0")
   flags.DEFINE_integer("heads", 16, "heads N (= kv heads)")

@@ -19,13 +19,14 @@ import os
 
 import numpy as np
 
-from experiments import bench_cases, benchmark
+from experiments.bench import cases as bench_cases
+from experiments.bench import runner, table
 from experiments.tables import common
 
 NAME = "speed_memory"
 TITLE = "Speed and memory vs sequence length (CPU; ratios and growth exponents)"
 
-_ALL_CASES = bench_cases.DEFAULT_CASES
+_ALL_CASES = bench_cases.PAPER_CASES
 SIZES = {
   # The default command: a few minutes on an idle 2-core CPU.
   "quick": dict(
@@ -77,9 +78,10 @@ def growth_exponent(lengths, values) -> float | None:
 
 
 def exponents(doc: dict) -> list[dict]:
+  catalogue = bench_cases.all_cases()
   rows = []
   for name in dict.fromkeys(p["case"] for p in doc["points"]):
-    case = bench_cases.CASES[name]
+    case = catalogue[name]
     pts = [p for p in doc["points"] if p["case"] == name and p["status"] == "ok"]
     if not pts:
       continue
@@ -108,9 +110,9 @@ def exponents(doc: dict) -> list[dict]:
 def run(results_dir: str, size: str = "quick", log=print) -> str:
   cfg = dict(SIZES[size])
   cases = cfg.pop("cases")
-  peers = cfg.pop("peers", bench_cases.DEFAULT_PEERS)
+  peers = cfg.pop("peers", bench_cases.default_peers())
   lengths = cfg.pop("lengths")
-  doc = benchmark.run_grid(cases, peers, lengths, ["float32"], log=log, **cfg)
+  doc = runner.run_grid(cases, peers, lengths, ["float32"], log=log, **cfg)
   doc["exponents"] = exponents(doc)
   doc["size"] = size
   common.write_json(results_dir, NAME, doc)
@@ -132,7 +134,7 @@ def run(results_dir: str, size: str = "quick", log=print) -> str:
       "",
       "## Every point",
       "",
-      benchmark.to_markdown(doc),
+      table.grid_markdown(doc),
     ]
   )
   common.write_markdown(results_dir, NAME, text)
@@ -175,14 +177,15 @@ def _exponent_table(rows) -> str:
 def _headline(doc: dict) -> str:
   """Speed-up and memory ratio of each attnzoo path vs dense xla at the longest common T."""
   ok = [p for p in doc["points"] if p["status"] == "ok"]
-  base = {p["T"]: p for p in ok if p["case"] == benchmark.BASELINE}
+  base = {p["T"]: p for p in ok if p["case"] == bench_cases.BASELINE}
   if not base:
     return "baseline did not run"
   T = max(base)
+  catalogue = bench_cases.all_cases()
   parts = []
   for p in ok:
-    case = bench_cases.CASES[p["case"]]
-    if p["T"] != T or case.peer or case.correctness_only or p["case"] == benchmark.BASELINE:
+    case = catalogue[p["case"]]
+    if p["T"] != T or case.peer or case.correctness_only or p["case"] == bench_cases.BASELINE:
       continue
     mode = "fwd+bwd" if "fwdbwd_speedup_vs_baseline" in p else "fwd"
     speed = p.get("fwdbwd_speedup_vs_baseline", p.get("fwd_speedup_vs_baseline"))
@@ -200,13 +203,14 @@ def _plot(results_dir: str, doc: dict) -> None:
   plt = common.pyplot()
   if plt is None:
     return
+  catalogue = bench_cases.all_cases()
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.2))
   for name in dict.fromkeys(p["case"] for p in doc["points"]):
     pts = [p for p in doc["points"] if p["case"] == name and p["status"] == "ok"]
-    if not pts or bench_cases.CASES[name].correctness_only:
+    if not pts or catalogue[name].correctness_only:
       continue
     ts = [p["T"] for p in pts]
-    style = ":" if bench_cases.CASES[name].peer else "-"
+    style = ":" if catalogue[name].peer else "-"
     ax_t.plot(ts, [p.get("fwdbwd_ms", p.get("fwd_ms")) for p in pts], style, marker="o", label=name)
     mem = [p.get("fwdbwd_temp_mib") or p.get("fwd_temp_mib") or math.nan for p in pts]
     ax_m.plot(ts, mem, style, marker="o", label=name)
