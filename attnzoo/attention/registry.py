@@ -89,15 +89,20 @@ class ConformanceCase:
   """One setting of a family under the conformance suite (and the benchmark).
 
   Attributes:
-    options: keyword arguments for every call (knobs that need a value). They are written for
-      the suite's shapes (N=4 query heads, K=2 or 1 kv heads).
+    options: keyword arguments for every call (knobs that need a value), or a function
+      `Dims -> options` for knobs whose shape depends on the call (a per-head decay [N]).
     causal_only: this setting is only defined causally (e.g. a decayed recurrence).
     input_scale: scale of the random q/k (unnormalised linear attention wants small inputs).
   """
 
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  options: Mapping[str, Any] | Callable[[Dims], Mapping[str, Any]] = dataclasses.field(
+    default_factory=dict
+  )
   causal_only: bool = False
   input_scale: float = 1.0
+
+  def options_for(self, dims: Dims) -> dict[str, Any]:
+    return dict(self.options(dims) if callable(self.options) else self.options)
 
 
 @dataclasses.dataclass(frozen=True)

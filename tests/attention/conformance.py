@@ -58,6 +58,8 @@ class AttentionConformance:
 
   family: ClassVar[str | registry.Family] = "softmax"
   implementation: ClassVar[str | None] = None
+  # The setting's knobs (resolved per call from the shapes) and per-implementation options.
+  case: ClassVar[registry.ConformanceCase] = registry.ConformanceCase()
   options: ClassVar[dict[str, Any]] = {}
   reference_options: ClassVar[dict[str, Any] | None] = None
   supports_noncausal: ClassVar[bool] = True
@@ -75,15 +77,21 @@ class AttentionConformance:
   def supports_mask(self) -> bool:
     return self.entry.supports_mask
 
-  def attend(self, q, k, v, **kw):
-    return call_family(
-      self.entry, q, k, v, implementation=self.implementation, **{**self.options, **kw}
+  def knobs(self, q, k, v):
+    dims = registry.Dims(
+      D=q.shape[2] * q.shape[3], N=q.shape[2], K=k.shape[2], H=q.shape[3], V=v.shape[3]
     )
+    return self.case.options_for(dims)
+
+  def attend(self, q, k, v, **kw):
+    opts = {**self.knobs(q, k, v), **self.options, **kw}
+    return call_family(self.entry, q, k, v, implementation=self.implementation, **opts)
 
   def reference(self, q, k, v, **kw):
     opts = self.options if self.reference_options is None else self.reference_options
+    opts = {**self.knobs(q, k, v), **opts, **kw}
     impl = self.entry.conformance.reference
-    return call_family(self.entry, q, k, v, implementation=impl, **{**opts, **kw})
+    return call_family(self.entry, q, k, v, implementation=impl, **opts)
 
   def inputs(self, seed=0, dtype=jnp.float32, shape=None, causal=False):
     B, T, S, N, K, H, Hv = shape or self.shape
@@ -215,8 +223,9 @@ def suite(family: str | registry.Family, implementation: str, case: str = "defau
   attrs = dict(
     family=entry,
     implementation=implementation,
-    options={**setting.options, **impl_options},
-    reference_options={**setting.options, **ref_options},
+    case=setting,
+    options=impl_options,
+    reference_options=ref_options,
     supports_noncausal=not (entry.causal_only or setting.causal_only),
     input_scale=setting.input_scale,
   )

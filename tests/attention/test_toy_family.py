@@ -108,3 +108,28 @@ def test_layer_creates_the_declared_arrays_and_validates_aux(toy_registered):
   layer = nn.Attention(16, num_heads=4, num_kv_heads=2, head_dim=8, family="toy", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="undeclared.*declare"):
     nn.run_with_aux(layer, x)
+
+
+def test_toy_appears_in_the_benchmark_and_runs(toy_registered):
+  from experiments.bench import cases, runner  # noqa: PLC0415
+
+  generated = cases.all_cases()
+  assert {"toy/xla:full", "toy/xla:causal", "toy/chunked:neighborhood"} <= set(generated)
+  built = generated["toy/chunked:causal"].build(1, 16, 2, 8, "float32")
+  assert set(built.params) == {"head_gate"} and set(built.consts) == {"key_norm"}
+  doc = runner.run_grid(
+    ["toy/chunked:causal"],
+    [],
+    [32],
+    ["float32"],
+    log=lambda _: None,
+    heads=2,
+    head_dim=8,
+    repeats=1,
+    isolate=False,
+    check_len=0,
+    matmul_n=64,
+  )
+  (point,) = [p for p in doc["points"] if p["case"] == "toy/chunked:causal"]
+  assert point["status"] == "ok", point.get("reason")
+  assert point["fwd_ms"] > 0 and point["fwdbwd_ms"] > 0
