@@ -28,12 +28,18 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     raise ValueError(f"k has K={K} heads but v has {Kv}; they must be equal")
   if H != Hk:
     raise ValueError(f"q head dim H={H} differs from k head dim {Hk}; they must be equal")
+  check_heads(N, K)
+  return B, T, S, N, K, H, Hv
+
+
+def check_heads(N: int, K: int) -> int:
+  """Checks grouped-query heads (N % K == 0); returns G = N // K."""
   if K == 0 or N % K:
     raise ValueError(
       f"query heads N={N} must be a multiple of kv heads K={K} (grouped-query attention); "
       f"choose K among the divisors of N"
     )
-  return B, T, S, N, K, H, Hv
+  return N // K
 
 
 def broadcast_to_bnts(x: jax.Array, name: str, shape_bnts: tuple[int, int, int, int]) -> jax.Array:

@@ -207,17 +207,3 @@ def _compact(bm, width: int, xp):
   partial = xp.take_along_axis(bm, indices, axis=-1) == PARTIAL
   partial = xp.where(valid, partial, False).astype(np.int32)
   return indices, counts, partial
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes of block-sparse attention (tokens). Kernels may add fields with defaults."""
-
-  block_q: int = 128
-  block_k: int = 128
-  # Triton launch parameters of the GPU lowering (ignored by the TPU lowering).
-  num_warps: int = 4
-  num_stages: int = 2
-
-  def __post_init__(self):
-    _check_block_sizes(self.block_q, self.block_k, 1, 1)

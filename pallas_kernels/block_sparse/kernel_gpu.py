@@ -8,115 +8,34 @@ the transposed tables. The Triton backend has no scalar prefetch, so the int32 t
 ordinary inputs read element by element. K/V (forward, dQ) and Q/dO (dK/dV) are mapped
 whole per head and sliced with `pl.ds` inside the loop, as the tables are dynamic.
 
-Mask tables (`mask_tables=` of `block_sparse_attention`: segment ids, a dense keep array, a
-block pattern) are further whole-array inputs. The predicate reads them through `TableView`s,
-whose integer-array indexing is a gather *load* from the input (`ref[rows, cols]`): the
-Triton lowering has pointer-tensor loads but no rule for `lax.gather` of a loaded value.
-Bool tables travel as int8 and are compared back to bool on load.
-
-This module also holds the tile math shared with `kernel_tpu` (`KernelConfig`,
-`masked_logits`, `online_softmax_step`, `finalize`, `backward_tile`): one definition of the
-numerics for both lowerings.
+Mask tables (`mask_tables=`) are further whole-array inputs, read by the predicate through
+`table_masks.TableView` gathers. The tile math (masking, online softmax, backward tile) is
+`tiles.py`, shared with `kernel_tpu` and the jnp paths.
 
 Layout: [B, T_pad, N, H] in, [B, T_pad, N, Hv] out (padded by `ops`), lse [B, N, T_pad].
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.block_sparse.config import KernelConfig
+from pallas_kernels.block_sparse.table_masks import gpu_keep_fn
+from pallas_kernels.block_sparse.tiles import (
+  F32,
+  backward_tile,
+  finalize,
+  masked_logits,
+  online_softmax_init,
+  online_softmax_step,
+  tile_logits,
+)
 from pallas_kernels.compat import pl
-
-_F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-  """Static description of one block-sparse attention call (hashable: a jit/vjp static)."""
-
-  mask_fn: Callable | None
-  scale: float
-  soft_cap: float | None
-  block_q: int
-  block_k: int
-  seq_q: int  # unpadded T
-  seq_k: int  # unpadded S
-  has_segments: bool
-  interpret: bool
-  num_warps: int = 4
-  num_stages: int = 2
-  # dtypes (names) of the mask tables as the caller gave them; non-empty means
-  # `mask_fn(tables, q_pos, k_pos)`, empty means `mask_fn(q_pos, k_pos)`.
-  table_dtypes: tuple[str, ...] = ()
-
-
-# ------------------------------------------------------------------ mask tables
-
-
-class TableView:
-  """A mask table inside the GPU kernel: `.shape`, `.ndim`, `.dtype` and gather indexing.
-
-  `view[rows, cols]` (integer arrays, broadcasting) loads only the addressed entries from
-  the kernel input. Converting a view to an array (`jnp.asarray`) is not supported: write
-  predicates against `table_xp` (whose `asarray` returns views unchanged) or index directly.
-  """
-
-  def __init__(self, ref, dtype: str):
-    self._ref, self.dtype = ref, jnp.dtype(dtype)
-
-  @property
-  def shape(self):
-    return self._ref.shape
-
-  @property
-  def ndim(self):
-    return len(self._ref.shape)
-
-  def __getitem__(self, index):
-    value = self._ref[index]
-    return value != 0 if self.dtype == jnp.bool_ else value
-
-
-class _TableNamespace:
-  """`jax.numpy`, except that `asarray` returns `TableView`s unchanged.
-
-  The array module for a `mask_fn(tables, q_pos, k_pos)` written as
-  `xp.asarray(table)[index]` (as the attnzoo masks are): the same predicate then gathers
-  from arrays (references, TPU keep tiles) and from kernel inputs (GPU).
-  """
-
-  def __getattr__(self, name):
-    return getattr(jnp, name)
-
-  @staticmethod
-  def asarray(x, *args, **kwargs):
-    return x if isinstance(x, TableView) else jnp.asarray(x, *args, **kwargs)
-
-
-table_xp = _TableNamespace()
-
-
-def prepare_tables(mask_tables, block_map, cfg: KernelConfig):
-  """The kernel inputs for `mask_tables`: the tables themselves, bool stored as int8."""
-  del block_map, cfg
-  return tuple(t.astype(jnp.int8) if t.dtype == jnp.bool_ else t for t in mask_tables)
-
-
-def _keep_fn(cfg: KernelConfig, table_refs):
-  """The element predicate `(q_pos, k_pos) -> keep` of a tile, or None."""
-  if cfg.mask_fn is None:
-    return None
-  if not cfg.table_dtypes:
-    return cfg.mask_fn
-  views = tuple(TableView(r, d) for r, d in zip(table_refs, cfg.table_dtypes, strict=True))
-  return lambda q_pos, k_pos: cfg.mask_fn(views, q_pos, k_pos)
 
 
 def _split_refs(refs, cfg: KernelConfig):
@@ -126,79 +45,6 @@ def _split_refs(refs, cfg: KernelConfig):
   if cfg.has_segments:
     return tables, refs[:2], refs[2:]
   return tables, None, refs
-
-
-# ------------------------------------------------------------------ tile math (shared)
-
-
-def tile_logits(q, k, cfg: KernelConfig):
-  """fp32 logits of a [bq, H] x [bk, H] tile after scaling and the soft cap; also tanh."""
-  s = jnp.dot(q, k.T, preferred_element_type=_F32) * cfg.scale
-  if cfg.soft_cap is None:
-    return s, None
-  t = jnp.tanh(s / cfg.soft_cap)
-  return cfg.soft_cap * t, t
-
-
-def masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg: KernelConfig, keep_fn):
-  """Sets dropped entries of a logits tile to -inf.
-
-  `keep_fn(q_pos, k_pos)` (the element predicate, or None) runs only when the tile is
-  PARTIAL (`lax.cond` on the table flag); keys past the unpadded S are dropped on every
-  tile; segment ids ([bq, 1] and [1, bk]) on every tile.
-  """
-  shape = s.shape
-  neg_inf = jnp.full(shape, -jnp.inf, _F32)
-  if keep_fn is not None:
-
-    def apply_mask(s):
-      q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-      k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-      keep = jnp.broadcast_to(keep_fn(q_pos, k_pos), shape)
-      return jnp.where(keep, s, neg_inf)
-
-    s = lax.cond(partial != 0, apply_mask, lambda s: s, s)
-  if cfg.seq_k % cfg.block_k:
-    k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-    s = jnp.where(k_pos < cfg.seq_k, s, neg_inf)
-  if seg_q is not None:
-    s = jnp.where(seg_q == seg_k, s, neg_inf)
-  return s
-
-
-def online_softmax_step(s, v, m, denom, acc):
-  """One flash-attention update with [bq, 1] running max/sum; -inf-safe for empty rows."""
-  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing kept so far
-  p = jnp.exp(s - m_safe)
-  alpha = jnp.exp(m - m_safe)
-  denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
-  acc_new = acc * alpha + jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32)
-  return m_new, denom_new, acc_new
-
-
-def finalize(m, denom, acc):
-  """Output tile (zeros for rows with no kept key) and its log-sum-exp (+inf for them).
-
-  lse = +inf makes the backward's p = exp(s - lse) exactly 0 on such rows.
-  """
-  empty = denom == 0.0
-  denom = jnp.where(empty, 1.0, denom)
-  out = acc / denom
-  lse = jnp.where(empty, jnp.inf, m + jnp.log(denom))
-  return out, lse
-
-
-def backward_tile(q, k, v, do, lse, delta, q_start, k_start, partial, seg_q, seg_k, cfg, keep_fn):
-  """Recomputes p for one tile and returns (ds, p) with ds = dL/d(raw scaled logits)."""
-  s, t = tile_logits(q, k, cfg)
-  s = masked_logits(s, q_start, k_start, partial, seg_q, seg_k, cfg, keep_fn)
-  p = jnp.exp(s - lse)
-  dp = jnp.dot(do, v.T, preferred_element_type=_F32)
-  ds = p * (dp - delta)
-  if t is not None:
-    ds = ds * (1.0 - t * t)
-  return ds, p
 
 
 # ------------------------------------------------------------------ kernels
@@ -212,7 +58,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, h
   table_refs, seg_refs, (q_ref, k_ref, v_ref, o_ref, lse_ref) = _split_refs(refs, cfg)
   if seg_refs:
     seg_q_ref, seg_k_ref = seg_refs
-  keep_fn = _keep_fn(cfg, table_refs)
+  keep_fn = gpu_keep_fn(cfg, table_refs)
   n, i = pl.program_id(1), pl.program_id(2)
   nm = _group_index(heads_map, n)
   bq, bk = cfg.block_q, cfg.block_k
@@ -227,11 +73,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, h
     s = masked_logits(s, i * bq, start, kv_part_ref[nm, i, t], seg_q, seg_k, cfg, keep_fn)
     return online_softmax_step(s, v_ref[pl.ds(start, bk), :], *carry)
 
-  init = (
-    jnp.full((bq, 1), -jnp.inf, _F32),
-    jnp.zeros((bq, 1), _F32),
-    jnp.zeros((bq, v_ref.shape[-1]), _F32),
-  )
+  init = online_softmax_init((bq,), v_ref.shape[-1])
   out, lse = finalize(*lax.fori_loop(0, kv_cnt_ref[nm, i], body, init))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
@@ -242,7 +84,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, he
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = rest
   if seg_refs:
     seg_q_ref, seg_k_ref = seg_refs
-  keep_fn = _keep_fn(cfg, table_refs)
+  keep_fn = gpu_keep_fn(cfg, table_refs)
   n, i = pl.program_id(1), pl.program_id(2)
   nm = _group_index(heads_map, n)
   bq, bk = cfg.block_q, cfg.block_k
@@ -270,9 +112,9 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, kv_part_ref, *refs, cfg: KernelConfig, he
       cfg,
       keep_fn,
     )
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32)
 
-  dq = lax.fori_loop(0, kv_cnt_ref[nm, i], body, jnp.zeros(q.shape, _F32))
+  dq = lax.fori_loop(0, kv_cnt_ref[nm, i], body, jnp.zeros(q.shape, F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -283,13 +125,13 @@ def _dkdv_kernel(
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
   if seg_refs:
     seg_q_ref, seg_k_ref = seg_refs
-  keep_fn = _keep_fn(cfg, table_refs)
+  keep_fn = gpu_keep_fn(cfg, table_refs)
   kh, j = pl.program_id(1), pl.program_id(2)
   bq, bk = cfg.block_q, cfg.block_k
   k, v = k_ref[...], v_ref[...]
   seg_k = seg_k_ref[...][None, :] if cfg.has_segments else None
-  dk = jnp.zeros(k.shape, _F32)
-  dv = jnp.zeros(v.shape, _F32)
+  dk = jnp.zeros(k.shape, F32)
+  dv = jnp.zeros(v.shape, F32)
   for g in range(group):  # static: the G query heads sharing this kv head
     nm = _group_index(heads_map, kh * group + g)
 
@@ -304,8 +146,8 @@ def _dkdv_kernel(
       ds, p = backward_tile(
         q, k, v, do, lse, delta, start, j * bk, q_part_ref[nm, j, t], seg_q, seg_k, cfg, keep_fn
       )
-      dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=_F32)
-      dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32)
+      dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=F32)
+      dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=F32)
       return dk, dv
 
     dk, dv = lax.fori_loop(0, q_cnt_ref[nm, j], body, (dk, dv))
@@ -373,7 +215,7 @@ def forward(q, k, v, kv_tables, segments, mask_inputs, cfg: KernelConfig):
   ]
   out_shape = [
     jax.ShapeDtypeStruct((B, Tp, N, Hv), q.dtype),
-    jax.ShapeDtypeStruct((B, N, Tp), _F32),
+    jax.ShapeDtypeStruct((B, N, Tp), F32),
   ]
   return pl.pallas_call(
     functools.partial(_fwd_kernel, cfg=cfg, heads_map=heads_map),

@@ -11,19 +11,13 @@ DMA) and are skipped with `pl.when`.
 - dK/dV: grid (B, K, Kb, G, Mq); the last two axes walk the G query heads of kv head kh
   and the active q tiles of kv tile j (from the transposed tables).
 
-Mask tables (`mask_tables=`): Mosaic lowers neither a gather of a loaded vector nor a
-load at vector indices ("Only take_along_axis-like gathers supported", "Cannot do int
-indexing on TPU"), so the predicate is not evaluated in the kernel. Instead
-`mask_fn(tables, q_pos, k_pos)` runs in XLA, before the kernels, on the PARTIAL tiles only:
-`keep` int32[P, bq, bk] holds one tile per distinct PARTIAL (q-tile, kv-tile) of the map
-(all Qb * Kb tiles when the map is traced), and a fourth prefetched table gives each grid
-step its slot, so the pipeline DMAs the keep tile beside the K/V tile. Steps on FULL tiles
-repeat a neighbouring slot (no new DMA). Memory: P * bq * bk * 4 bytes, e.g. 256 tiles
-(the diagonal of a causal packed-document mask at T = 32k, 128-tiles) = 16 MiB; int32
-because Mosaic's native layouts are 32-bit.
+Mask tables (`mask_tables=`): Mosaic cannot gather, so XLA evaluates the predicate on the
+PARTIAL tiles before the kernels (`table_masks.tpu_inputs`, `keep_tiles`): `keep` int32[P, bq,
+bk], and a fourth prefetched table gives each grid step its keep tile, which the pipeline DMAs
+beside the K/V tile.
 
-Tile math (masking, online softmax, backward tile) is shared with the GPU lowering
-(`kernel_gpu`). Inputs are transposed to head-major [B, heads, seq, dim] so each block is a
+Tile math (masking, online softmax, backward tile) is `tiles.py`, shared with the GPU
+lowering. Inputs are transposed to head-major [B, heads, seq, dim] so each block is a
 lane-dense [tile, dim] slab; row statistics (lse, delta) travel as [..., seq, 1].
 """
 
@@ -33,21 +27,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from pallas_kernels import compat
-from pallas_kernels.block_sparse.kernel_gpu import (
-  KernelConfig,
+from pallas_kernels.block_sparse.config import KernelConfig
+from pallas_kernels.block_sparse.table_masks import keep_tiles
+from pallas_kernels.block_sparse.tiles import (
+  F32,
   backward_tile,
   finalize,
   masked_logits,
+  online_softmax_init,
   online_softmax_step,
   tile_logits,
 )
 from pallas_kernels.compat import pl, pltpu
-
-_F32 = jnp.float32
 
 
 def _flat_tables(tables):
@@ -64,81 +58,6 @@ def _row(dims, b, n, r):
 
 def _head_major(x):
   return jnp.swapaxes(x, 1, 2)
-
-
-# ------------------------------------------------------------------ mask tables -> keep tiles
-
-
-def prepare_tables(mask_tables, block_map, cfg: KernelConfig):
-  """Host side: which tiles get a keep tile, and the slot of every table entry.
-
-  Returns (mask_tables, tiles int32[P, 2] of (q-tile, kv-tile), kv_slots [Bm, Nm, Qb, Mk],
-  q_slots [Bm, Nm, Kb, Mq]); `keep_tiles` evaluates the predicate inside the jitted call.
-  """
-  del cfg
-  qb, kb = block_map.num_q_blocks, block_map.num_kv_blocks
-  kv = (block_map.kv_indices, block_map.kv_counts, block_map.kv_partial)
-  qt = (block_map.q_indices, block_map.q_counts, block_map.q_partial)
-  try:
-    kv, qt = jax.tree.map(np.asarray, (kv, qt))
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    xp = jnp  # a traced map: any tile may be PARTIAL, so every tile gets a keep tile
-    tile_ids = slot_of = jnp.arange(qb * kb, dtype=jnp.int32)
-  else:
-    xp = np
-    tile_ids = np.unique(_tile_ids(kv[0], kb, q_rows=True)[_active(*kv, np)]).astype(np.int32)
-    tile_ids = tile_ids if tile_ids.size else np.zeros(1, np.int32)
-    slot_of = np.zeros(qb * kb, np.int32)
-    slot_of[tile_ids] = np.arange(tile_ids.size, dtype=np.int32)
-  tiles = xp.stack([tile_ids // kb, tile_ids % kb], axis=-1).astype(np.int32)
-  return (
-    tuple(mask_tables),
-    tiles,
-    _slots(*kv, slot_of, kb, True, xp),
-    _slots(*qt, slot_of, kb, False, xp),
-  )
-
-
-def keep_tiles(mask_fn, tables, tiles, cfg: KernelConfig):
-  """int32[P, bq, bk]: `mask_fn(tables, q_pos, k_pos)` on the listed tiles."""
-  bq, bk = cfg.block_q, cfg.block_k
-  q_pos = tiles[:, 0, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None]
-  k_pos = tiles[:, 1, None, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, None, :]
-  keep = mask_fn(tables, q_pos, k_pos)
-  return jnp.broadcast_to(keep, (tiles.shape[0], bq, bk)).astype(jnp.int32)
-
-
-def _active(indices, counts, partial, xp):
-  """bool[Bm, Nm, rows, W]: the entry is listed (t < count) and PARTIAL."""
-  width = indices.shape[-1]
-  return (xp.arange(width)[None, None, None, :] < counts[..., None]) & (partial != 0)
-
-
-def _tile_ids(indices, kb, *, q_rows):
-  """Row-major tile id (i * Kb + j) of every entry of a [Bm, Nm, rows, W] index table;
-  `q_rows`: the rows are q tiles (kv tables) rather than kv tiles (transposed tables)."""
-  row = np.arange(indices.shape[2], dtype=np.int32)[None, None, :, None]
-  return row * kb + indices if q_rows else indices * kb + row
-
-
-def _slots(indices, counts, partial, slot_of, kb, q_rows, xp):
-  """Keep-tile slot of every table entry: its own on PARTIAL entries, else a neighbour's.
-
-  Along a table row the tile ids, hence the slots, ascend: a running max carries the last
-  PARTIAL slot over FULL and padding entries, a reversed running min fills the entries
-  before the row's first PARTIAL one, so consecutive grid steps rarely change keep tile.
-  """
-  slot = slot_of[_tile_ids(indices, kb, q_rows=q_rows)]
-  active = _active(indices, counts, partial, xp)
-  big = np.iinfo(np.int32).max
-  cummax = (
-    (lambda x: np.maximum.accumulate(x, axis=-1))
-    if xp is np
-    else (lambda x: lax.cummax(x, axis=x.ndim - 1))
-  )
-  after = cummax(xp.where(active, slot, -1))
-  before = -cummax(xp.where(active, -slot, -big)[..., ::-1])[..., ::-1]
-  return xp.where(after >= 0, after, xp.where(before < big, before, 0)).astype(np.int32)
 
 
 # ------------------------------------------------------------------ forward / dQ
@@ -167,9 +86,7 @@ def _fwd_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
 
   @pl.when(t == 0)
   def _init():
-    m_s[...] = jnp.full(m_s.shape, -jnp.inf, _F32)
-    l_s[...] = jnp.zeros(l_s.shape, _F32)
-    acc_s[...] = jnp.zeros(acc_s.shape, _F32)
+    m_s[...], l_s[...], acc_s[...] = online_softmax_init(m_s.shape[:1], acc_s.shape[1])
 
   @pl.when(t < cnt_ref[row])
   def _step():
@@ -196,7 +113,7 @@ def _dq_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
 
   @pl.when(t == 0)
   def _init():
-    dq_s[...] = jnp.zeros(dq_s.shape, _F32)
+    dq_s[...] = jnp.zeros(dq_s.shape, F32)
 
   @pl.when(t < cnt_ref[row])
   def _step():
@@ -217,7 +134,7 @@ def _dq_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims):
       cfg,
       keep_fn,
     )
-    dq_s[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+    dq_s[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _write():
@@ -233,8 +150,8 @@ def _dkdv_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims, gro
 
   @pl.when((g == 0) & (t == 0))
   def _init():
-    dk_s[...] = jnp.zeros(dk_s.shape, _F32)
-    dv_s[...] = jnp.zeros(dv_s.shape, _F32)
+    dk_s[...] = jnp.zeros(dk_s.shape, F32)
+    dv_s[...] = jnp.zeros(dv_s.shape, F32)
 
   @pl.when(t < cnt_ref[row])
   def _step():
@@ -255,8 +172,8 @@ def _dkdv_kernel(idx_ref, cnt_ref, part_ref, *refs, cfg: KernelConfig, dims, gro
       cfg,
       keep_fn,
     )
-    dv_s[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=_F32)
-    dk_s[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32)
+    dv_s[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=F32)
+    dk_s[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=F32)
 
   @pl.when((g == pl.num_programs(3) - 1) & (t == pl.num_programs(4) - 1))
   def _write():
@@ -343,9 +260,9 @@ def forward(q, k, v, kv_tables, segments, mask_inputs, cfg: KernelConfig):
     in_specs=[*keep_specs, *seg, spec["q"], spec["k"], spec["v"]],
     out_specs=[spec["o"], spec["stat"]],
     scratch_shapes=[
-      pltpu.VMEM((cfg.block_q, 1), _F32),
-      pltpu.VMEM((cfg.block_q, 1), _F32),
-      pltpu.VMEM((cfg.block_q, Hv), _F32),
+      pltpu.VMEM((cfg.block_q, 1), F32),
+      pltpu.VMEM((cfg.block_q, 1), F32),
+      pltpu.VMEM((cfg.block_q, Hv), F32),
     ],
   )
   out, lse = pl.pallas_call(
@@ -353,7 +270,7 @@ def forward(q, k, v, kv_tables, segments, mask_inputs, cfg: KernelConfig):
     grid_spec=grid_spec,
     out_shape=[
       jax.ShapeDtypeStruct((B, N, Tp, Hv), q.dtype),
-      jax.ShapeDtypeStruct((B, N, Tp, 1), _F32),
+      jax.ShapeDtypeStruct((B, N, Tp, 1), F32),
     ],
     compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
     interpret=cfg.interpret,
@@ -403,7 +320,7 @@ def backward(
         spec["stat"],
       ],
       out_specs=spec["q"],
-      scratch_shapes=[pltpu.VMEM((bq, H), _F32)],
+      scratch_shapes=[pltpu.VMEM((bq, H), F32)],
     ),
     out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
     compiler_params=compat.tpu_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
@@ -449,7 +366,7 @@ def backward(
         pl.BlockSpec((None, None, bk, H), kv_block),
         pl.BlockSpec((None, None, bk, Hv), kv_block),
       ],
-      scratch_shapes=[pltpu.VMEM((bk, H), _F32), pltpu.VMEM((bk, Hv), _F32)],
+      scratch_shapes=[pltpu.VMEM((bk, H), F32), pltpu.VMEM((bk, Hv), F32)],
     ),
     out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
     compiler_params=compat.tpu_compiler_params(

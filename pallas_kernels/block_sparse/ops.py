@@ -20,7 +20,7 @@ Differences from the papers:
   (Pallas cannot capture array constants). The GPU kernel evaluates
   `mask_fn(tables, q_pos, k_pos)` in the kernel, gathering from the tables by position; the
   TPU kernel, as Mosaic cannot gather, gets the predicate's values on the PARTIAL tiles,
-  computed by XLA before the kernels (`kernel_tpu` docstring).
+  computed by XLA before the kernels (`table_masks` docstring).
 Choices where the spec was silent: q/k/v are padded to tile multiples here (zeros), and
 the padding is sliced off; `scale` defaults to H**-0.5; the soft cap is applied after the
 scale (as in Gemma 2).
@@ -37,11 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.block_sparse import kernel_gpu, kernel_tpu
-from pallas_kernels.block_sparse.block_map import BlockMap, BlockSizes, num_blocks
-from pallas_kernels.block_sparse.kernel_gpu import KernelConfig, table_xp
+from pallas_kernels import _common
+from pallas_kernels.block_sparse import kernel_gpu, kernel_tpu, table_masks
+from pallas_kernels.block_sparse.block_map import BlockMap, num_blocks
+from pallas_kernels.block_sparse.config import BlockSizes, KernelConfig
+from pallas_kernels.block_sparse.table_masks import table_xp
 
-_BACKENDS = {"gpu": kernel_gpu, "tpu": kernel_tpu}
+_KERNELS = {"gpu": kernel_gpu, "tpu": kernel_tpu}
 
 
 def block_sparse_attention(
@@ -56,7 +58,7 @@ def block_sparse_attention(
   segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
   logits_soft_cap: float | None = None,
   block_sizes: BlockSizes | None = None,
-  interpret: bool = False,
+  interpret: bool | None = None,
   backend: str | None = None,
 ) -> Float[Array, "B T N Hv"]:
   """Flash attention over the tiles of `block_map` (see the module docstring for the math).
@@ -71,7 +73,7 @@ def block_sparse_attention(
       With `mask_tables`: `(tables, q_pos, k_pos) -> bool`. It must not close over arrays
       (NotImplementedError): pass them as tables.
     mask_tables: arrays (ndim >= 1, any shape) that `mask_fn` reads by position, e.g.
-      `mask.tables()` of an attnzoo mask. On GPU they arrive as `kernel_gpu.TableView`s,
+      `mask.tables()` of an attnzoo mask. On GPU they arrive as `table_masks.TableView`s,
       indexable by integer arrays (`table[rows, cols]`, a gather; clip the indices) but not
       convertible to arrays; a predicate that calls `xp.asarray(table)` takes
       `xp=table_xp`. For an attnzoo mask pass `mask_fn=MaskPredicate(mask)`, which does
@@ -82,7 +84,9 @@ def block_sparse_attention(
       a query keeps only keys with an equal id.
     logits_soft_cap: c > 0 gives logits = c * tanh(logits / c).
     block_sizes: tile sizes (and GPU warps/stages); default: the map's tiles.
-    interpret: run the kernel in the Pallas interpreter (required on CPU).
+    interpret: run the kernel in the Pallas interpreter. None (default): exactly when
+      `jax.default_backend()` is neither "gpu" nor "tpu", with a logged warning (once per
+      call site); False there raises unless `backend` is given (lowering-only use).
     backend: "gpu" (Triton lowering) or "tpu" (Mosaic lowering); default from
       `jax.default_backend()`, and "gpu" on CPU.
 
@@ -93,7 +97,8 @@ def block_sparse_attention(
   S = k.shape[1]
   block_sizes = _check_block_sizes(block_map, block_sizes, T, S)
   block_map.broadcast_to_groups(B, N)
-  backend = _pick_backend(backend, interpret)
+  interpret = _common.resolve_interpret(interpret, op="block_sparse_attention", backend=backend)
+  backend = _common.resolve_backend(backend)
   mask_fn, mask_tables = _check_mask_fn(mask_fn, mask_tables, block_map)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
     raise ValueError(f"logits_soft_cap={logits_soft_cap} must be a positive float or None")
@@ -111,7 +116,7 @@ def block_sparse_attention(
     seq_q=T,
     seq_k=S,
     has_segments=segments is not None,
-    interpret=bool(interpret),
+    interpret=interpret,
     num_warps=block_sizes.num_warps,
     num_stages=block_sizes.num_stages,
     table_dtypes=tuple(t.dtype.name for t in mask_tables),
@@ -119,9 +124,7 @@ def block_sparse_attention(
   kv_tables = (block_map.kv_indices, block_map.kv_counts, block_map.kv_partial)
   q_tables = (block_map.q_indices, block_map.q_counts, block_map.q_partial)
   # Host-side (concrete-map) preparation happens here, outside the jitted call.
-  mask_inputs = (
-    _BACKENDS[backend].prepare_tables(mask_tables, block_map, cfg) if mask_tables else ()
-  )
+  mask_inputs = table_masks.kernel_inputs(backend, mask_tables, block_map) if mask_tables else ()
   return _padded_attention(
     q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg=cfg, backend=backend
   )
@@ -174,12 +177,12 @@ def _padded_attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, *, cf
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
-  out, _ = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
+  out, _ = _KERNELS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
   return out
 
 
 def _attention_fwd(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
-  out, lse = _BACKENDS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
+  out, lse = _KERNELS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
   return out, (q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs)
 
 
@@ -187,7 +190,7 @@ def _attention_bwd(cfg, backend, residuals, d_out):
   q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs = residuals
   # D = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4), [B, N, Tp] like lse.
   delta = jnp.einsum("btnv,btnv->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  dq, dk, dv = _BACKENDS[backend].backward(
+  dq, dk, dv = _KERNELS[backend].backward(
     q, k, v, d_out, lse, delta, kv_tables, q_tables, segments, mask_inputs, cfg
   )
   return dq, dk, dv, None, None, None, None
@@ -200,24 +203,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _check_inputs(q, k, v):
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(
-        f"{name} must be 4-D [B, T|S, heads, dim], got shape {getattr(x, 'shape', None)}"
-      )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name}.dtype={x.dtype} must be floating")
+  B, T, _, N, _, H, _ = _common.check_qkv(q, k, v)
   if not q.dtype == k.dtype == v.dtype:
     raise TypeError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
-  B, T, N, H = q.shape
-  Bk, S, K, Hk = k.shape
-  if (Bk, Hk) != (B, H) or v.shape[:3] != k.shape[:3]:
-    raise ValueError(
-      f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not match "
-      "q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]"
-    )
-  if N % K:
-    raise ValueError(f"N={N} query heads is not divisible by K={K} kv heads")
   return B, T, N, H
 
 
@@ -329,20 +317,6 @@ def _check_hardware_tiles(backend, block_sizes, H, Hv):
           f"the Triton kernel needs {name}={size} to be a power of two >= 16 "
           "(pad the head dim, or pick power-of-two tiles)"
         )
-
-
-def _pick_backend(backend, interpret):
-  if backend is None:
-    platform = jax.default_backend()
-    backend = platform if platform in _BACKENDS else "gpu"
-    if platform not in _BACKENDS and not interpret:
-      raise ValueError(
-        f"block_sparse_attention has no compiled kernel for platform {platform!r}; "
-        "pass interpret=True to run it in the Pallas interpreter"
-      )
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend={backend!r} must be one of {sorted(_BACKENDS)} or None")
-  return backend
 
 
 __all__ = ["MaskPredicate", "block_sparse_attention", "table_xp"]

@@ -24,7 +24,7 @@ from jax import lax
 
 from pallas_kernels import compat
 from pallas_kernels.compat import pl
-from pallas_kernels.linear import blocks
+from pallas_kernels.linear import tiles
 
 
 def _backward_specs(q_shape, v_shape, groups):
@@ -45,10 +45,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, s_ref, state0_ref, o_ref, state_ref, *,
 
   def body(i, state):
     rows = pl.ds(pl.multiple_of(i * block, block), block)
-    factors = blocks.decay_factors(s, i, block=block, seq_len=seq_len)
-    out, state = blocks.forward_block(
-      q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, factors
-    )
+    factors = tiles.decay_factors(s, i, block=block, seq_len=seq_len)
+    out, state = tiles.forward_block(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, factors)
     o_ref[rows, :] = out.astype(o_ref.dtype)
     return state
 
@@ -76,10 +74,10 @@ def _backward_kernel(
 
   def dq_body(i, state):
     rows = pl.ds(pl.multiple_of(i * block, block), block)
-    factors = blocks.decay_factors(s, i, block=block, seq_len=seq_len)
+    factors = tiles.decay_factors(s, i, block=block, seq_len=seq_len)
     k, v = k_ref[rows, :], v_ref[rows, :]
-    dq_ref[rows, :] = blocks.dq_block(k, v, do_ref[rows, :], state, factors).astype(dq_ref.dtype)
-    _, state = blocks.forward_block(q_ref[rows, :], k, v, state, factors)
+    dq_ref[rows, :] = tiles.dq_block(k, v, do_ref[rows, :], state, factors).astype(dq_ref.dtype)
+    _, state = tiles.forward_block(q_ref[rows, :], k, v, state, factors)
     return state
 
   lax.fori_loop(0, num_blocks, dq_body, state0_ref[...].astype(jnp.float32))
@@ -87,8 +85,8 @@ def _backward_kernel(
   def dkv_body(j, d_state):
     i = num_blocks - 1 - j
     rows = pl.ds(pl.multiple_of(i * block, block), block)
-    factors = blocks.decay_factors(s, i, block=block, seq_len=seq_len)
-    dk, dv, d_state = blocks.dkv_block(
+    factors = tiles.decay_factors(s, i, block=block, seq_len=seq_len)
+    dk, dv, d_state = tiles.dkv_block(
       q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], d_state, factors
     )
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)

@@ -20,7 +20,7 @@ from jax import lax
 
 from pallas_kernels import compat
 from pallas_kernels.compat import pl, pltpu
-from pallas_kernels.linear import blocks
+from pallas_kernels.linear import tiles
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 
@@ -47,8 +47,8 @@ def _forward_kernel(
   def _():
     state_ref[...] = state0_ref[...].astype(jnp.float32)
 
-  factors = blocks.decay_factors(s_ref[pl.program_id(1)], c, block=block, seq_len=seq_len)
-  out, state_ref[...] = blocks.forward_block(
+  factors = tiles.decay_factors(s_ref[pl.program_id(1)], c, block=block, seq_len=seq_len)
+  out, state_ref[...] = tiles.forward_block(
     q_ref[...], k_ref[...], v_ref[...], state_ref[...], factors
   )
   o_ref[...] = out.astype(o_ref.dtype)
@@ -67,10 +67,10 @@ def _dq_kernel(
   def _():
     state_ref[...] = state0_ref[...].astype(jnp.float32)
 
-  factors = blocks.decay_factors(s_ref[pl.program_id(1)], c, block=block, seq_len=seq_len)
+  factors = tiles.decay_factors(s_ref[pl.program_id(1)], c, block=block, seq_len=seq_len)
   k, v, state = k_ref[...], v_ref[...], state_ref[...]
-  dq_ref[...] = blocks.dq_block(k, v, do_ref[...], state, factors).astype(dq_ref.dtype)
-  _, state_ref[...] = blocks.forward_block(q_ref[...], k, v, state, factors)
+  dq_ref[...] = tiles.dq_block(k, v, do_ref[...], state, factors).astype(dq_ref.dtype)
+  _, state_ref[...] = tiles.forward_block(q_ref[...], k, v, state, factors)
 
 
 def _dkv_kernel(
@@ -95,10 +95,10 @@ def _dkv_kernel(
   def _():
     d_state_scratch[...] = d_state_ref[...]
 
-  factors = blocks.decay_factors(
+  factors = tiles.decay_factors(
     s_ref[pl.program_id(1)], num_blocks - 1 - c, block=block, seq_len=seq_len
   )
-  dk, dv, d_state_scratch[...] = blocks.dkv_block(
+  dk, dv, d_state_scratch[...] = tiles.dkv_block(
     q_ref[...], k_ref[...], v_ref[...], do_ref[...], d_state_scratch[...], factors
   )
   dk_ref[...] = dk.astype(dk_ref.dtype)

@@ -1,6 +1,6 @@
 """Public entry of the tiled linear-attention kernels: layout, padding and the custom VJP.
 
-`linear_attention(q, k, v, *, log_decay, initial_state, block_sizes, interpret, platform)` computes
+`linear_attention(q, k, v, *, log_decay, initial_state, block_sizes, interpret, backend)` computes
 causal decayed linear attention (Lightning Attention-2, arXiv 2401.04658, Eq. 3 / Algorithm 1)
 with a Pallas kernel and differentiates it with Algorithm 2's backward kernels:
 
@@ -13,71 +13,31 @@ log-decay cum_t = s·(t+1) (plus T·<S_T, dS_T> from the final state), so it cos
 after the backward kernel.
 
 Choices where the paper is silent: T that is not a multiple of the block is zero-padded at the
-end (exact, see blocks.py); dK/dV of grouped-query heads are produced per query head and summed
+end (exact, see tiles.py); dK/dV of grouped-query heads are produced per query head and summed
 over each group here; feature maps are applied by the caller, outside the kernel.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
+from pallas_kernels import _common
 from pallas_kernels.linear import kernel_gpu, kernel_tpu
-from pallas_kernels.linear.reference import split_heads
+from pallas_kernels.linear.config import BlockSizes, KernelConfig
 
 _KERNELS = {"gpu": kernel_gpu, "tpu": kernel_tpu}
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes and GPU launch knobs.
-
-  block: rows per tile (LA-2 uses a block ≈ H; a power of two >= 16 for Triton).
-  block_v: GPU forward only: value columns per program (None = 64 if V is a larger multiple
-    of 64, else all of V); 32-64 keeps the [H, block_v] fp32 state in registers for H = 128.
-  num_warps, num_stages: Triton launch parameters (ignored on TPU).
-  """
-
-  block: int = 64
-  block_v: int | None = None
-  num_warps: int = 4
-  num_stages: int = 1
-
-  def __post_init__(self):
-    if self.block < 8 or self.block % 8:
-      raise ValueError(f"block={self.block} must be a positive multiple of 8 (e.g. 64)")
-    if self.block_v is not None and (self.block_v < 8 or self.block_v % 8):
-      raise ValueError(f"block_v={self.block_v} must be None or a positive multiple of 8")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  seq_len: int
-  block_sizes: BlockSizes
-  interpret: bool
-  platform: str
-
-  def kernel_kwargs(self):
-    bs = self.block_sizes
-    return dict(
-      block=bs.block,
-      seq_len=self.seq_len,
-      block_v=bs.block_v,
-      interpret=self.interpret,
-      num_warps=bs.num_warps,
-      num_stages=bs.num_stages,
-    )
-
-
-def _kernel(config: _Config):
-  return _KERNELS[config.platform]
+def _kernel(config: KernelConfig):
+  return _KERNELS[config.backend]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _core(q, k, v, log_decay, state0, config: _Config):
+def _core(q, k, v, log_decay, state0, config: KernelConfig):
   return _kernel(config).forward(q, k, v, log_decay, state0, **config.kernel_kwargs())
 
 
@@ -123,46 +83,38 @@ def _core_bwd(config, residuals, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def default_platform() -> str:
-  """The kernel flavour for the current backend; CPU interprets the GPU-style kernel (faster)."""
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 def linear_attention(
-  q,
-  k,
-  v,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B T K H"],
+  v: Float[Array, "B T K Hv"],
   *,
-  log_decay=None,
-  initial_state=None,
-  block_sizes: BlockSizes = BlockSizes(),
-  interpret: bool = False,
-  platform: str | None = None,
-):
+  log_decay: Float[Array, " N"] | None = None,
+  initial_state: Float[Array, "B N H Hv"] | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool | None = None,
+  backend: str | None = None,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N H Hv"]]:
   """Causal decayed linear attention with the tiled Pallas kernel (see module docstring).
 
   Args:
     q: [B,T,N,H] (already feature-mapped).  k: [B,T,K,H].  v: [B,T,K,V]; N % K == 0.
     log_decay: [N] log λ <= 0, or None for λ = 1.
     initial_state: [B,N,H,V] state carried in from a previous segment, or None for zeros.
-    block_sizes: tile sizes.
-    interpret: run the kernel in the Pallas interpreter (CPU tests).
-    platform: "gpu" (Triton) or "tpu" (Mosaic) kernel; None picks from the default backend.
+    block_sizes: tile sizes; default `BlockSizes()`.
+    interpret: run the kernel in the Pallas interpreter. None (default): exactly when
+      `jax.default_backend()` is neither "gpu" nor "tpu", with a logged warning (once per
+      call site); False there raises unless `backend` is given (lowering-only use).
+    backend: "gpu" (Triton) or "tpu" (Mosaic) kernel; None picks from `jax.default_backend()`
+      ("gpu" on CPU).
 
   Returns:
     (out [B,T,N,V] in q.dtype, final state [B,N,H,V] fp32).
   """
-  platform = platform or default_platform()
-  if platform not in _KERNELS:
-    raise ValueError(f"platform={platform!r} must be one of {sorted(_KERNELS)}")
-  b, t, n, h = q.shape
-  split_heads(q, k)
-  if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != h:
-    raise ValueError(
-      f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not match the layout "
-      "q [B,T,N,H], k [B,T,K,H], v [B,T,K,V] (causal: S == T)"
-    )
-  vd = v.shape[3]
+  b, t, s, n, _, h, vd = _common.check_qkv(q, k, v)
+  if s != t:
+    raise ValueError(f"causal linear attention needs S == T, got T={t}, S={s}")
+  interpret = _common.resolve_interpret(interpret, op="linear_attention", backend=backend)
+  backend = _common.resolve_backend(backend)
   log_decay = (
     jnp.zeros((n,), jnp.float32) if log_decay is None else jnp.asarray(log_decay, jnp.float32)
   )
@@ -175,8 +127,9 @@ def linear_attention(
   )
   if state0.shape != (b, n, h, vd):
     raise ValueError(f"initial_state has shape {state0.shape}; expected {(b, n, h, vd)}")
+  block_sizes = BlockSizes() if block_sizes is None else block_sizes
   block = block_sizes.block
-  if platform == "gpu" and not interpret:
+  if backend == "gpu" and not interpret:
     dims = dict(block=block, H=h, block_v=block_sizes.block_v or vd)
     bad = {name: d for name, d in dims.items() if d < 16 or d & (d - 1)}
     if bad:
@@ -189,6 +142,9 @@ def linear_attention(
   def to_kernel(x):
     return jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), 1, 2)
 
-  config = _Config(seq_len=t, block_sizes=block_sizes, interpret=bool(interpret), platform=platform)
+  config = KernelConfig(seq_len=t, block_sizes=block_sizes, interpret=interpret, backend=backend)
   out, state = _core(to_kernel(q), to_kernel(k), to_kernel(v), log_decay, state0, config)
   return jnp.moveaxis(out, 2, 1)[:, :t], state
+
+
+__all__ = ["linear_attention"]

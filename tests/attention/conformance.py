@@ -179,14 +179,16 @@ class AttentionConformance:
     assert_close(self.attend(q, k, v, is_causal=True), self.reference(q, k, v, is_causal=True))
 
   def test_fully_masked_rows_are_zero_with_finite_gradients(self):
-    if not self.supports_mask:
-      pytest.skip(f"the {self.entry.name!r} family takes no mask")
     q, k, v = self.inputs(seed=7)
     T, S = q.shape[1], k.shape[1]
     keep = np.ones((T, S), bool)
     keep[3] = False
     keep[T - 1] = False
     mask = self.as_mask(keep)
+    if not self.supports_mask:  # a family without masks must say so, not ignore the mask
+      with pytest.raises((TypeError, ValueError), match="mask"):
+        self.attend(q, k, v, mask=mask)
+      return
     out = self.attend(q, k, v, mask=mask)
     np.testing.assert_array_equal(np.asarray(out[:, 3]), 0.0)
     np.testing.assert_array_equal(np.asarray(out[:, T - 1]), 0.0)

@@ -9,6 +9,11 @@ arXiv 2307.08691, Alg. 2): a scan over kv tiles walks each one's q tiles (the
 BlockMap's transposed tables), keeping dK/dV in the loop carry and adding dQ (and
 d bias) into output-sized buffers.
 
+The tile math (soft cap, online-softmax update, finalisation, the backward's P and dS) is
+`pallas_kernels.block_sparse.tiles`, the same functions the Pallas kernels run; tiles here are
+head-major [B, K, G, bq, bk], so only the P @ V product is spelt for this layout. Dropped logits
+are -inf and rows with no kept key finalise to out = 0, lse = +inf (see `tiles`).
+
 This is the reference for the Pallas kernel's tiling, and the best CPU path.
 """
 
@@ -24,8 +29,17 @@ from jax import lax
 
 from attnzoo.masks import Mask
 from pallas_kernels.block_sparse import BlockMap, num_blocks
+from pallas_kernels.block_sparse.tiles import (
+  finalize,
+  online_softmax_init,
+  online_softmax_step,
+  probs_and_dlogits,
+  soft_cap,
+  soft_cap_vjp,
+)
 
-# Finite stand-in for -inf: exp(MASK - m) underflows to 0 without producing NaNs.
+# Finite stand-in for -inf for paths differentiated by autodiff (softmax's "xla" reference):
+# exp(MASK - m) underflows to 0 without producing NaNs. The tiles here use -inf (custom VJP).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -153,14 +167,10 @@ class _Tiles:
     return lax.dynamic_slice_in_dim(x, j * bk, bk, axis=4)
 
   def logits(self, q_t, k_t, i, j, partial):
-    """Returns (s [B,K,G,bq,bk] fp32 after soft-cap and bias, keep or None, tanh' or None)."""
+    """Returns (s [B,K,G,bq,bk] fp32 after soft-cap and bias, keep or None, tanh or None)."""
     st = self.st
     s = jnp.einsum("bkgqh,bksh->bkgqs", q_t, k_t, preferred_element_type=jnp.float32)
-    s = s * st.scale
-    dcap = None
-    if st.soft_cap is not None:
-      t = jnp.tanh(s / st.soft_cap)
-      s, dcap = st.soft_cap * t, 1.0 - t * t
+    s, tanh = soft_cap(s * st.scale, st.soft_cap)
     if self.bias is not None:
       s = s + self._elem_tile(self.bias, i, j).astype(jnp.float32)
     keep = None
@@ -182,15 +192,16 @@ class _Tiles:
       q_ids = self.q_tile(self.seg[0], i, axis=1)[:, None, None, :, None]
       kv_ids = self.k_tile(self.seg[1], j, axis=1)[:, None, None, None, :]
       keep = conj(keep, q_ids == kv_ids)
-    return s, keep, dcap
+    return s, keep, tanh
 
 
 def _masked(s, keep):
-  return s if keep is None else jnp.where(keep, s, MASK_VALUE)
+  return s if keep is None else jnp.where(keep, s, -jnp.inf)
 
 
-def _zero_masked(p, keep):
-  return p if keep is None else jnp.where(keep, p, 0.0)
+def _pv(p, v_t):
+  """P @ V of a head-major tile: [B,K,G,bq,bk] x [B,K,bk,Hv] -> [B,K,G,bq,Hv] fp32."""
+  return jnp.einsum("bkgqs,bksv->bkgqv", p, v_t, preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------ forward
@@ -209,32 +220,16 @@ def _forward(st: _Static, q, k, v, bias, extras):
     q_t = tiles.q_tile(tiles.q, i)
 
     def step(t, carry):
-      m, l, acc = carry
       j = kv_idx[i, t]
       s, keep, _ = tiles.logits(q_t, tiles.k_tile(tiles.k, j), i, j, kv_part[i, t])
-      s = _masked(s, keep)
-      m_new = jnp.maximum(m, s.max(-1))
-      alpha = jnp.exp(m - m_new)
-      p = _zero_masked(jnp.exp(s - m_new[..., None]), keep)
-      v_t = tiles.k_tile(tiles.v, j)
-      pv = jnp.einsum("bkgqs,bksv->bkgqv", p, v_t, preferred_element_type=jnp.float32)
-      return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+      return online_softmax_step(_masked(s, keep), tiles.k_tile(tiles.v, j), *carry, dot=_pv)
 
-    shape = (B, K, G, st.block_q)
-    init = (
-      jnp.full(shape, MASK_VALUE, jnp.float32),
-      jnp.zeros(shape, jnp.float32),
-      jnp.zeros(shape + (Hv,), jnp.float32),
-    )
-    m, l, acc = lax.fori_loop(0, kv_cnt[i], step, init)
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-    return out, lse
+    init = online_softmax_init((B, K, G, st.block_q), Hv)
+    return finalize(*lax.fori_loop(0, kv_cnt[i], step, init))
 
-  out, lse = lax.map(q_block, jnp.arange(tiles.qb))  # [Qb,B,K,G,bq,Hv], [Qb,B,K,G,bq]
+  out, lse = lax.map(q_block, jnp.arange(tiles.qb))  # [Qb,B,K,G,bq,Hv], [Qb,B,K,G,bq,1]
   out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, tiles.tq, Hv)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, tiles.tq)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, tiles.tq, 1)
   out_btnv = from_head_major(out)[:, : st.seq_q]
   return out_btnv.astype(q.dtype), lse
 
@@ -260,22 +255,20 @@ def _attention_bwd(st, res, d_out):
   bm = st.block_map
   do = to_head_major(_pad_to(d_out, 1, tiles.tq), K).astype(jnp.float32)
   o = to_head_major(_pad_to(out, 1, tiles.tq), K).astype(jnp.float32)
-  delta = jnp.sum(do * o, axis=-1)  # rowsum(dO * O), FlashAttention-2 "D"
+  delta = jnp.sum(do * o, axis=-1, keepdims=True)  # rowsum(dO * O), FlashAttention-2 "D"
 
   def row_stats(i):
     sl = lambda x: lax.dynamic_slice_in_dim(x, i * st.block_q, st.block_q, axis=3)
     return sl(lse), sl(delta)
 
   def tile_grads(i, j, partial, q_t, do_t):
-    """dS (w.r.t. the post-cap logits, = d bias) and dS_raw (w.r.t. scale * q.k)."""
-    s, keep, dcap = tiles.logits(q_t, tiles.k_tile(tiles.k, j), i, j, partial)
-    lse_t, delta_t = row_stats(i)
-    p = _zero_masked(jnp.exp(_masked(s, keep) - lse_t[..., None]), keep)
+    """P, dS (w.r.t. the post-cap logits, = d bias) and dS_raw (w.r.t. scale * q.k)."""
+    s, keep, tanh = tiles.logits(q_t, tiles.k_tile(tiles.k, j), i, j, partial)
     v_t = tiles.k_tile(tiles.v, j)
     dp = jnp.einsum("bkgqv,bksv->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_t[..., None])
-    ds_raw = ds if dcap is None else ds * dcap
-    return p, ds, ds_raw
+    lse_t, delta_t = row_stats(i)
+    p, ds = probs_and_dlogits(_masked(s, keep), lse_t, dp, delta_t)
+    return p, ds, soft_cap_vjp(ds, tanh)
 
   # One pass over kv tiles (the transposed tables): each tile's dK/dV accumulate in the loop
   # carry, while its dQ (and d bias) contributions are added into O(T·H) buffers in place.

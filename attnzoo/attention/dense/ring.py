@@ -24,6 +24,10 @@ Residuals are q, k, v, out and lse — O(T/P) per device; logits are recomputed 
 every step's K/V shard and [T/P, S/P] probabilities: P times the K/V of a shard plus a [T/P, S]
 array per head — the memory that ring attention exists to avoid.)
 
+The per-block math (soft cap, online-softmax update, finalisation, P and dS of the backward) is
+`pallas_kernels.block_sparse.tiles`, the functions the flash kernels and the chunked path run;
+a block here is a whole [T/P, S/P] shard pair, and only the P @ V product is spelt for its layout.
+
 Differences from the paper:
 - The paper composes ring communication with blockwise (chunked) attention inside each device.
   Here each step computes one dense [T/P, S/P] block with einsums; the block sizes are set by P.
@@ -56,6 +60,14 @@ from jaxtyping import Array, Float, Int
 
 from attnzoo.attention import _validate
 from pallas_kernels import compat
+from pallas_kernels.block_sparse.tiles import (
+  finalize,
+  online_softmax_init,
+  online_softmax_step,
+  probs_and_dlogits,
+  soft_cap,
+  soft_cap_vjp,
+)
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -251,11 +263,14 @@ def _varying(config: _Config, x: jax.Array) -> jax.Array:
 def _logits(config: _Config, q_BTKGH, k_BSKH):
   """fp32 logits [B, K, G, T, S] after scale and soft cap, and tanh(x / cap) for the backward."""
   x = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  x = x * config.scale
-  if config.logits_soft_cap is None:
-    return x, None
-  t = jnp.tanh(x / config.logits_soft_cap)
-  return config.logits_soft_cap * t, t
+  return soft_cap(x * config.scale, config.logits_soft_cap)
+
+
+def _pv(p_BKGTS, v_BSKV):
+  """P @ V of a whole shard pair: [B, K, G, T, S] x [B, S, K, Hv] -> [B, K, G, T, Hv] fp32."""
+  return jnp.einsum(
+    "bkgts,bskv->bkgtv", p_BKGTS.astype(v_BSKV.dtype), v_BSKV, preferred_element_type=jnp.float32
+  )
 
 
 def _block_mask(config: _Config, q_block, kv_block, q_len, kv_len, q_ids, kv_ids):
@@ -292,28 +307,14 @@ def _forward_shard(config: _Config, q, k, v, q_ids, kv_ids):
     kv_block = (me - step) % n
 
     def update(carry):
-      m_BKGT, l_BKGT, acc_BKGTV = carry
       s_BKGTS, _ = _logits(config, q_BTKGH, k)
       keep = _block_mask(config, me, kv_block, T, S, q_ids, kv_ids)
-      s_BKGTS = jnp.where(keep, s_BKGTS, -jnp.inf)
-      m_new = jnp.maximum(m_BKGT, s_BKGTS.max(-1))
-      # Rows with no live key so far keep m = -inf; shift by 0 so exp() gives 0, not NaN.
-      m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-      p_BKGTS = jnp.exp(s_BKGTS - m_safe[..., None])
-      alpha = jnp.exp(m_BKGT - m_safe)
-      l_new = alpha * l_BKGT + p_BKGTS.sum(-1)
-      pv = jnp.einsum(
-        "bkgts,bskv->bkgtv", p_BKGTS.astype(v.dtype), v, preferred_element_type=jnp.float32
-      )
-      return m_new, l_new, alpha[..., None] * acc_BKGTV + pv
+      return online_softmax_step(jnp.where(keep, s_BKGTS, -jnp.inf), v, *carry, dot=_pv)
 
     return _unless_hidden(config, me, kv_block, T, S, update, carry)
 
-  carry = (
-    _varying(config, jnp.full((B, K, G, T), -jnp.inf, jnp.float32)),
-    _varying(config, jnp.zeros((B, K, G, T), jnp.float32)),
-    _varying(config, jnp.zeros((B, K, G, T, Hv), jnp.float32)),
-  )
+  # (m, l, acc): [B, K, G, T, 1] twice and [B, K, G, T, Hv], fp32.
+  carry = tuple(_varying(config, x) for x in online_softmax_init((B, K, G, T), Hv))
 
   def ring_step(step, state):
     carry, k, v, kv_ids = state
@@ -322,15 +323,10 @@ def _forward_shard(config: _Config, q, k, v, q_ids, kv_ids):
     return fold_block(step, carry, k, v, kv_ids), k_next, v_next, ids_next
 
   carry, k, v, kv_ids = lax.fori_loop(0, n - 1, ring_step, (carry, k, v, kv_ids))
-  m_BKGT, l_BKGT, acc_BKGTV = fold_block(n - 1, carry, k, v, kv_ids)
-
-  has_keys = l_BKGT > 0
-  l_safe = jnp.where(has_keys, l_BKGT, 1.0)
-  out_BKGTV = jnp.where(has_keys[..., None], acc_BKGTV / l_safe[..., None], 0.0)
-  # +inf for key-less rows makes exp(s - lse) = 0 in the backward pass.
-  lse_BKGT = jnp.where(has_keys, m_BKGT + jnp.log(l_safe), jnp.inf)
+  # Key-less rows: out = 0 and lse = +inf, which makes exp(s - lse) = 0 in the backward pass.
+  out_BKGTV, lse_BKGT1 = finalize(*fold_block(n - 1, carry, k, v, kv_ids))
   out = out_BKGTV.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
-  return out, lse_BKGT
+  return out, lse_BKGT1[..., 0]
 
 
 def _backward_shard(config: _Config, q, k, v, q_ids, kv_ids, out, lse_BKGT, d_out):
@@ -341,9 +337,10 @@ def _backward_shard(config: _Config, q, k, v, q_ids, kv_ids, out, lse_BKGT, d_ou
   me = lax.axis_index(config.axis_name)
   q_BTKGH = q.reshape(B, T, K, G, H)
   do_BTKGV = d_out.reshape(B, T, K, G, Hv)
-  delta_BKGT = jnp.einsum(
+  delta_BKGT1 = jnp.einsum(
     "btkgv,btkgv->bkgt", do_BTKGV, out.reshape(B, T, K, G, Hv), preferred_element_type=jnp.float32
-  )
+  )[..., None]
+  lse_BKGT1 = lse_BKGT[..., None]
 
   def block_grads(step, dq_BTKGH, k, v, kv_ids, dk_BSKH, dv_BSKV):
     """Adds the (query shard, held kv shard) block's gradients to dQ and the travelling dK/dV."""
@@ -353,18 +350,17 @@ def _backward_shard(config: _Config, q, k, v, q_ids, kv_ids, out, lse_BKGT, d_ou
       dq_BTKGH, dk_BSKH, dv_BSKV = grads
       s_BKGTS, tanh_BKGTS = _logits(config, q_BTKGH, k)
       keep = _block_mask(config, me, kv_block, T, S, q_ids, kv_ids)
-      p_BKGTS = jnp.exp(jnp.where(keep, s_BKGTS, -jnp.inf) - lse_BKGT[..., None])
+      dp_BKGTS = jnp.einsum("btkgv,bskv->bkgts", do_BTKGV, v, preferred_element_type=jnp.float32)
+      p_BKGTS, ds_BKGTS = probs_and_dlogits(
+        jnp.where(keep, s_BKGTS, -jnp.inf), lse_BKGT1, dp_BKGTS, delta_BKGT1
+      )
       dv_BSKV = dv_BSKV + jnp.einsum(
         "bkgts,btkgv->bskv",
         p_BKGTS.astype(d_out.dtype),
         do_BTKGV,
         preferred_element_type=jnp.float32,
       )
-      dp_BKGTS = jnp.einsum("btkgv,bskv->bkgts", do_BTKGV, v, preferred_element_type=jnp.float32)
-      ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BKGT[..., None])
-      if tanh_BKGTS is not None:
-        ds_BKGTS = ds_BKGTS * (1.0 - tanh_BKGTS * tanh_BKGTS)
-      ds_BKGTS = ds_BKGTS * config.scale
+      ds_BKGTS = soft_cap_vjp(ds_BKGTS, tanh_BKGTS) * config.scale
       dq_BTKGH = dq_BTKGH + jnp.einsum(
         "bkgts,bskh->btkgh", ds_BKGTS.astype(k.dtype), k, preferred_element_type=jnp.float32
       )

@@ -20,9 +20,12 @@ Implementations (`implementation=`; None = "pallas" on GPU/TPU, "chunked" on CPU
                O(T²) memory (pallas_kernels/linear/reference.py);
   "recurrent"  the token recurrence above with `lax.scan` (the decoding form; slow for training);
   "chunked"    Algorithm 1 as a `lax.scan` over blocks of `block_size` rows: quadratic inside a
-               block, the fp32 state across blocks; decays in log space, λ^{-n} never formed;
-  "pallas"     the tiled kernel with Algorithm 2's backward (pallas_kernels/linear). On a CPU
-               backend it runs in the Pallas interpreter automatically (no `interpret` argument).
+               block, the fp32 state across blocks; decays in log space, λ^{-n} never formed.
+               Each step runs the kernels' per-block functions (pallas_kernels/linear/tiles.py),
+               so Algorithm 1 is written once; gradients by autodiff through the scan;
+  "pallas"     the tiled kernel with Algorithm 2's backward (pallas_kernels/linear). Off GPU/TPU
+               it runs in the Pallas interpreter (the kernel package's `interpret=None` policy,
+               logged once per call site).
 
 Differences from the papers:
   * The decay is given in log space (`decay = log λ <= 0`, shape [N]); `tnl.tnl_slopes` builds
@@ -38,6 +41,7 @@ Differences from the papers:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -47,9 +51,10 @@ from absl import logging
 from jax import lax
 from jaxtyping import Array, Float
 
-from attnzoo.attention import registry
+from attnzoo.attention import _validate, registry
 from attnzoo.attention.linear import tnl
 from pallas_kernels import linear as linear_kernels
+from pallas_kernels.linear import tiles as linear_tiles
 from pallas_kernels.linear.reference import (
   linear_attention_recurrent,
   linear_attention_reference,
@@ -98,54 +103,48 @@ def _apply_feature_map(phi, x):
 
 
 def _chunked(q, k, v, log_decay, state0, block_size):
-  """Algorithm 1 of LA-2 in log space, one `lax.scan` step per block (see blocks.py for the
-  same equations as a kernel). A ragged tail block is zero-padded; its clamped positions keep
-  the final state exact."""
+  """Algorithm 1 of LA-2 as a `lax.scan` over blocks. Each step is the kernels' own per-block
+  math (`pallas_kernels.linear.tiles`: `decay_factors`, `forward_block`), vmapped over batch,
+  kv heads and the query heads of each group (k, v are shared across a group, not repeated).
+  Blocks are laid out head-major before the scan, so every product in a step is a batched
+  matmul with no transpose. A ragged tail block is zero-padded; its clamped positions keep the
+  final state exact."""
   b, t, n, h = q.shape
-  g = split_heads(q, k)
-  kh, vd = n // g, v.shape[3]
+  kh, vd = k.shape[2], v.shape[3]
+  g = n // kh
   c = block_size
-  pad = -t % c
-  nc = (t + pad) // c
+  nc = -(-t // c)
 
-  def blocks_of(x, *inner):
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return jnp.moveaxis(x.reshape(b, nc, c, *inner), 1, 0)
+  def blocks_of(x, *heads):  # [B, T, heads..., D] -> [nc, B, heads..., c, D] fp32
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nc * c - t), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(b, nc, c, *heads, x.shape[-1]), (1, 2), (0, -2))
 
-  q_nbckgh = blocks_of(q, kh, g, h)
-  k_nbckh, v_nbckv = blocks_of(k, kh, h), blocks_of(v, kh, vd)
+  q_nbkgch = blocks_of(q, kh, g)
+  k_nbkch, v_nbkcv = blocks_of(k, kh), blocks_of(v, kh)
   s_kg = (
     jnp.zeros((kh, g), jnp.float32)
     if log_decay is None
     else log_decay.astype(jnp.float32).reshape(kh, g)
   )
-  state = (
+  state_bkghv = (
     jnp.zeros((b, kh, g, h, vd), jnp.float32)
     if state0 is None
     else state0.astype(jnp.float32).reshape(b, kh, g, h, vd)
   )
-  causal_cd = jnp.tril(jnp.ones((c, c), bool))
+  # factors(s [K, G], block index) -> per-head (q_decay, k_decay, M, λ^{n_i}); the block step
+  # maps over (g: q, state, factors), then (k: all), then (b: all but the factors).
+  factors = functools.partial(linear_tiles.decay_factors, block=c, seq_len=t)
+  factors = jax.vmap(jax.vmap(factors, in_axes=(0, None)), in_axes=(0, None))
+  forward = jax.vmap(linear_tiles.forward_block, in_axes=(0, None, None, 0, 0))
+  forward = jax.vmap(jax.vmap(forward), in_axes=(0, 0, 0, 0, None))
 
   def step(state_bkghv, xs):
-    q_bckgh, k_bckh, v_bckv, i = xs
-    n_valid = jnp.minimum(c, t - i * c).astype(jnp.float32)
-    pos_c = jnp.minimum(jnp.arange(1, c + 1, dtype=jnp.float32), n_valid)
-    cum_kgc = s_kg[..., None] * pos_c[None, None]
-    total_kg = s_kg * n_valid
-    diff_kgcd = jnp.minimum(cum_kgc[..., :, None] - cum_kgc[..., None, :], 0.0)
-    intra_kgcd = jnp.where(causal_cd[None, None], jnp.exp(diff_kgcd), 0.0)
-    scores_bkgcd = jnp.einsum("bckgh,bdkh->bkgcd", q_bckgh, k_bckh) * intra_kgcd[None]
-    out_bckgv = jnp.einsum("bkgcd,bdkv->bckgv", scores_bkgcd, v_bckv) + jnp.einsum(
-      "bckgh,kgc,bkghv->bckgv", q_bckgh, jnp.exp(cum_kgc), state_bkghv
-    )
-    k_decay_kgc = jnp.exp(total_kg[..., None] - cum_kgc)
-    state_bkghv = jnp.exp(total_kg)[None, ..., None, None] * state_bkghv + jnp.einsum(
-      "bckh,kgc,bckv->bkghv", k_bckh, k_decay_kgc, v_bckv
-    )
-    return state_bkghv, out_bckgv
+    q_bkgch, k_bkch, v_bkcv, i = xs
+    out_bkgcv, state_bkghv = forward(q_bkgch, k_bkch, v_bkcv, state_bkghv, factors(s_kg, i))
+    return state_bkghv, out_bkgcv
 
-  final, out_nbckgv = lax.scan(step, state, (q_nbckgh, k_nbckh, v_nbckv, jnp.arange(nc)))
-  out = jnp.moveaxis(out_nbckgv, 0, 1).reshape(b, nc * c, n, vd)[:, :t]
+  final, out_nbkgcv = lax.scan(step, state_bkghv, (q_nbkgch, k_nbkch, v_nbkcv, jnp.arange(nc)))
+  out = jnp.moveaxis(out_nbkgcv, (0, -2), (1, 2)).reshape(b, nc * c, n, vd)[:, :t]
   return out.astype(q.dtype), final.reshape(b, n, h, vd)
 
 
@@ -160,6 +159,7 @@ def _recurrent(q, k, v, log_decay, state0, block_size):
 
 
 def _pallas(q, k, v, log_decay, state0, block_size):
+  # interpret=None: the kernel package runs its interpreter (and logs it) off GPU/TPU.
   return linear_kernels.linear_attention(
     q,
     k,
@@ -167,7 +167,6 @@ def _pallas(q, k, v, log_decay, state0, block_size):
     log_decay=log_decay,
     initial_state=state0,
     block_sizes=linear_kernels.BlockSizes(block_size),
-    interpret=jax.default_backend() == "cpu",
   )
 
 
@@ -275,24 +274,12 @@ def attention(
       f"linear attention does not take {sorted(passed)}: it has no logits to mask "
       "or bias. Use is_causal=True/False, or a softmax family for masked attention"
     )
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(
-      f"q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H], [B,S,K,Hv]); got shapes "
-      f"{q.shape}, {k.shape}, {v.shape}"
-    )
-  if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(
-      f"shapes q={q.shape}, k={k.shape}, v={v.shape} do not fit the layout "
-      "q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]"
-    )
-  b, t, n, h = q.shape
-  split_heads(q, k)
+  b, t, s, n, _, h, vd = _validate.check_qkv(q, k, v)
   if block_size <= 0 or block_size % 8:
     raise ValueError(f"block_size={block_size} must be a positive multiple of 8 (e.g. 64)")
-  if initial_state is not None and initial_state.shape != (b, n, h, v.shape[3]):
+  if initial_state is not None and initial_state.shape != (b, n, h, vd):
     raise ValueError(
-      f"initial_state has shape {initial_state.shape}; expected "
-      f"{(b, n, h, v.shape[3])} = [B,N,H,Hv]"
+      f"initial_state has shape {initial_state.shape}; expected {(b, n, h, vd)} = [B,N,H,Hv]"
     )
   log_decay = _check_decay(decay, n)
   name = registry.resolve_implementation(implementation, _CAUSAL, family=FAMILY_NAME)
@@ -301,8 +288,8 @@ def attention(
   if scale is not None:
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
   if is_causal:
-    if k.shape[1] != t:
-      raise ValueError(f"causal linear attention needs S == T, got T={t}, S={k.shape[1]}")
+    if s != t:
+      raise ValueError(f"causal linear attention needs S == T, got T={t}, S={s}")
     out, state = _CAUSAL[name](q, k, v, log_decay, initial_state, block_size)
   else:
     if log_decay is not None:
@@ -334,8 +321,7 @@ def decode_step(
   """
   b, n, h = q_t.shape
   kh, vd = k_t.shape[1], v_t.shape[2]
-  if n % kh:
-    raise ValueError(f"N={n} query heads is not divisible by K={kh} kv heads")
+  _validate.check_heads(n, kh)
   if state.shape != (b, n, h, vd):
     raise ValueError(f"state has shape {state.shape}; expected {(b, n, h, vd)} = [B,N,H,Hv]")
   g = n // kh
@@ -378,4 +364,18 @@ FAMILY = registry.Family(
   supports_mask=False,
   decode_step=decode_step,
   layer_knobs=layer_knobs,
+  conformance=registry.Conformance(
+    cases={
+      # Per-head decays from λ = 0.99 (long memory) to 0.05 (almost local); a decayed
+      # recurrence is only defined causally. No softmax normalisation: small q·k.
+      "decay": registry.ConformanceCase(
+        options=lambda d: dict(decay=jnp.log(jnp.linspace(0.99, 0.05, d.N, dtype=jnp.float32))),
+        causal_only=True,
+        input_scale=0.3,
+      ),
+      "elu1": registry.ConformanceCase(options=dict(feature_map="elu1", scale=0.25)),
+    },
+    # Blocks smaller than the suite's lengths, so block carries and ragged tails are exercised.
+    implementation_options={"chunked": {"block_size": 16}, "pallas": {"block_size": 16}},
+  ),
 )

@@ -26,7 +26,7 @@ from pallas_kernels import compat
 from tests.attention.dense.ring_multidevice import make_inputs
 from tests.tolerances import assert_close
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -296,3 +296,14 @@ def test_pallas_passes_documents_as_native_segment_ids(monkeypatch):
   assert calls[0]["mask_tables"] == () and calls[0]["mask_fn"].mask == masks.Causal()
   np.testing.assert_array_equal(np.asarray(calls[0]["segment_ids"][1]), [[0] * 20 + [1] * 28] * 2)
   assert_close(got, dpa(q, k, v, mask=mask, implementation="xla"))
+
+
+def test_pallas_interpret_policy_is_automatic_on_cpu_and_false_raises():
+  """One interpret policy for both kernel packages: None = the interpreter where the platform
+  has no Pallas backend; an explicit interpret=False on CPU raises, naming the fix."""
+  q, k, v = random_qkv(0, 1, 16, 16, 2, 1, 8)
+  want = dpa(q, k, v, is_causal=True, implementation="xla")
+  got = dpa(q, k, v, is_causal=True, implementation="pallas", block_sizes=BlockSizes(16, 16))
+  assert_close(got, want)
+  with pytest.raises(ValueError, match="interpret"):
+    dpa(q, k, v, implementation="pallas", interpret=False, block_sizes=BlockSizes(16, 16))

@@ -1,4 +1,4 @@
-"""Input validation, backend choice, and the reference against an independent oracle."""
+"""Input validation, backend / interpret choice, and the reference against an independent oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -66,15 +66,17 @@ def test_reference_masks_by_tiles_and_gives_zero_rows():
 # ------------------------------------------------------------------ validation
 
 
-def test_backend_default_on_cpu_needs_interpret():
+def test_interpret_and_backend_defaults_on_cpu(caplog):
+  """None interprets off GPU/TPU (logged), False raises, a bad backend names the choices."""
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match="interpret=True"):
-    block_sparse_attention(q, k, v, _full_map())
+  with caplog.at_level("WARNING", logger="pallas_kernels"):
+    got = block_sparse_attention(q, k, v, _full_map())  # the GPU-style kernel, interpreted
+  assert_close(got, reference_attention(q, k, v))
+  assert "block_sparse_attention" in caplog.text and "interpreter" in caplog.text
+  with pytest.raises(ValueError, match="interpret=None"):
+    block_sparse_attention(q, k, v, _full_map(), interpret=False)
   with pytest.raises(ValueError, match="backend="):
     block_sparse_attention(q, k, v, _full_map(), interpret=True, backend="cuda")
-  # CPU + interpret defaults to the GPU-style kernel.
-  got = block_sparse_attention(q, k, v, _full_map(), interpret=True)
-  assert_close(got, reference_attention(q, k, v))
 
 
 @pytest.mark.parametrize(
@@ -141,4 +143,6 @@ def test_compiled_kernels_check_tile_sizes(backend, block_sizes, match):
     np.full((48 // bq, 48 // bk), 2), block_q=bq, block_k=bk, seq_q=48, seq_k=48
   )
   with pytest.raises(ValueError, match=match):
-    block_sparse_attention(q, k, v, block_map, backend=backend, block_sizes=block_sizes)
+    block_sparse_attention(
+      q, k, v, block_map, backend=backend, block_sizes=block_sizes, interpret=False
+    )

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from attnzoo import masks
+from pallas_kernels import lowering_check as lc
 from pallas_kernels.block_sparse import block_sparse_attention
-from pallas_kernels.block_sparse import lowering_check as lc
 
 # Real-hardware tile sizes: (8, 128)-aligned for Mosaic, powers of two for Triton.
 B, T, S, N, K, H = 1, 500, 380, 4, 2, 128
@@ -31,6 +31,7 @@ def _fns(backend, with_segments):
       BLOCK_MAP,
       mask_fn=MASK.predicate,
       logits_soft_cap=30.0,
+      interpret=False,  # compile for `backend` (lowering only: this host has no GPU/TPU)
       backend=backend,
       segment_ids=(q_ids, kv_ids) if with_segments else None,
     )

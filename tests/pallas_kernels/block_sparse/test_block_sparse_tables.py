@@ -1,7 +1,7 @@
 """Masks that read arrays (`mask_tables=`): both lowerings, the TPU keep-tile slots, lowering.
 
 The GPU kernel gathers from the tables inside the kernel; the TPU kernel reads keep tiles
-that XLA evaluated on the PARTIAL tiles (see `kernel_tpu`). Each case compares the output
+that XLA evaluated on the PARTIAL tiles (see `table_masks`). Each case compares the output
 and the q/k/v gradients (custom VJP) with autodiff of the fp32 reference.
 """
 
@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from attnzoo import masks
+from pallas_kernels import lowering_check as lc
 from pallas_kernels.block_sparse import (
   BlockMap,
   block_sparse_attention,
-  kernel_tpu,
   reference_attention,
+  table_masks,
 )
-from pallas_kernels.block_sparse import lowering_check as lc
-from pallas_kernels.block_sparse.kernel_gpu import KernelConfig
+from pallas_kernels.block_sparse.config import KernelConfig
 from pallas_kernels.block_sparse.ops import MaskPredicate
 from tests.tolerances import assert_close
 
@@ -171,7 +171,7 @@ def test_tpu_keep_tiles_cover_exactly_the_partial_tiles():
     interpret=True,
     table_dtypes=("int32", "int32"),
   )
-  tables, tiles, kv_slots, q_slots = kernel_tpu.prepare_tables(mask.tables(), block_map, cfg)
+  tables, tiles, kv_slots, q_slots = table_masks.tpu_inputs(mask.tables(), block_map)
   classes = mask.block_mask(T, S, b, b)
   np.testing.assert_array_equal(sorted(map(tuple, tiles)), np.argwhere(classes == 1))
   # Every PARTIAL entry of both tables reads its own tile; slots never leave [0, P).
@@ -185,7 +185,7 @@ def test_tpu_keep_tiles_cover_exactly_the_partial_tiles():
         if part[0, 0, r, t]:
           want = (r, idx[0, 0, r, t]) if rows_are_q else (idx[0, 0, r, t], r)
           assert tuple(tiles[slots[0, 0, r, t]]) == want
-  keep = kernel_tpu.keep_tiles(cfg.mask_fn, tables, jnp.asarray(tiles), cfg)
+  keep = table_masks.keep_tiles(cfg.mask_fn, tables, jnp.asarray(tiles), cfg)
   dense = mask.dense(T, S)
   i, j = tiles[0]
   np.testing.assert_array_equal(np.asarray(keep[0]), dense[i * b : i * b + b, j * b : j * b + b])
@@ -246,6 +246,7 @@ def _fns(mask, backend):
       mask.block_map(T, S, 128, 128),
       mask_fn=MaskPredicate(mask),
       mask_tables=mask.tables(),
+      interpret=False,  # compile for `backend` (lowering only: this host has no GPU/TPU)
       backend=backend,
     )
 

@@ -1,4 +1,6 @@
-"""Per-block math of Lightning Attention-2, shared by the GPU and TPU kernels.
+"""Per-block math of Lightning Attention-2, written once: the GPU and TPU kernels call it on one
+head's tiles, and `attnzoo.attention.linear`'s "chunked" path vmaps it over batch and heads
+inside its `lax.scan` over blocks.
 
 Lightning Attention-2 (arXiv 2401.04658), Algorithm 1 (forward) and Algorithm 2 (backward), in
 log space. For block i of size C with per-head log-decay s = log λ <= 0 and n_i valid rows
