@@ -65,10 +65,8 @@ def main(argv):
   results_dir = os.path.abspath(FLAGS.results_dir)
   print(f"[reproduce] tables {', '.join(names)} ({size}) -> {results_dir}")
   summaries = reproduce(names, results_dir, size)
-  print(
-    f"[reproduce] done: {len(summaries)} table(s) in {results_dir}/ "
-    f"({', '.join(n + '.md' for n in summaries)}, with .json and .png)"
-  )
+  written = sorted(f for f in os.listdir(results_dir) if os.path.splitext(f)[0] in summaries)
+  print(f"[reproduce] done: {len(summaries)} table(s) in {results_dir}/: {', '.join(written)}")
 
 
 if __name__ == "__main__":
