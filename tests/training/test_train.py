@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from attnzoo import training
+from attnzoo import attention, training
 from attnzoo.training import read_metrics
 
 CONFIGS = ["lm_bytes", "mqar", "selective_copy", "listops", "needle", "digits", "mnist"]
@@ -67,6 +67,24 @@ def test_every_config_smoke_trains(name, tmp_path):
   _needs(name)
   metrics = training.train_and_evaluate(smoke_config(name), str(tmp_path))
   assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
+  assert len(losses(str(tmp_path))) == 6
+
+
+@pytest.mark.parametrize("family", sorted(attention.FAMILIES))
+def test_every_registered_family_smoke_trains(family, tmp_path):
+  """`attention=<family>` in a task config trains with no other change (the registry seam);
+  the family's first conformance setting supplies knobs that need a value."""
+  config = smoke_config(arg=f"smoke,attention={family}")
+  entry = attention.get(family)
+  setting = next(iter(entry.conformance.cases.values()))
+  if callable(setting.options):  # shape-dependent knobs (e.g. a per-head decay) stay defaulted
+    options = {}
+  else:
+    options = {k: v for k, v in setting.options.items() if k in config.model.knobs[family]}
+  for knob, value in options.items():
+    config.model.knobs[family][knob] = value
+  metrics = training.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["loss"])
   assert len(losses(str(tmp_path))) == 6
 
 
