@@ -12,7 +12,7 @@ without knowing its name:
 - `aux_losses`: the names of the losses it returns in `Aux.losses`, with default weights
   (overridable per run as `config.model.aux_weights.<name>`).
 - `layer_inputs`: values of the layer it reads besides q/k/v ("x": the layer input [B,T,D],
-  "positions": [B,T]).
+  "positions": int [B,T], "valid": bool [B,T], False at padding tokens).
 - `hooks`: default input/output hooks of the layer (`attnzoo.attention.hooks`).
 - `conformance`: how the shared conformance suite and the benchmark call it.
 """
@@ -29,7 +29,7 @@ from absl import logging
 
 # Every `implementation=` name a family may offer, in the order automatic choice prefers them.
 IMPLEMENTATIONS = ("xla", "chunked", "pallas", "ring", "recurrent")
-LAYER_INPUTS = ("x", "positions")
+LAYER_INPUTS = ("x", "positions", "valid")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,8 +62,8 @@ class Block(nnx.Module):
     )
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x_BTD, positions_BT, *, deterministic: bool, rngs: nnx.Rngs | None):
-    h_BTD = self.attn(self.attn_norm(x_BTD), positions_BT)
+  def __call__(self, x_BTD, positions_BT, valid_BT, *, deterministic: bool, rngs: nnx.Rngs | None):
+    h_BTD = self.attn(self.attn_norm(x_BTD), positions_BT, valid_BT)
     x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
     h_BTD = self.mlp(self.mlp_norm(x_BTD))
     return x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
@@ -144,15 +144,16 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x_BTD = x_BTD + self.pos_embed[...].astype(x_BTD.dtype)[None]
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cfg.pad_id >= 0 and not cfg.patch_size:
+      valid_BT = inputs_BL != cfg.pad_id
+    else:
+      valid_BT = jnp.ones((B, T), jnp.bool_)
     for block in self.blocks:
       x_BTD = self._constrain(x_BTD)
-      x_BTD = block(x_BTD, positions_BT, deterministic=deterministic, rngs=rngs)
+      x_BTD = block(x_BTD, positions_BT, valid_BT, deterministic=deterministic, rngs=rngs)
     x_BTD = self.final_norm(self._constrain(x_BTD))
     if cfg.task == "classify":
-      if cfg.pad_id >= 0 and not cfg.patch_size:
-        keep_BT1 = (inputs_BL != cfg.pad_id)[..., None].astype(jnp.float32)
-      else:
-        keep_BT1 = jnp.ones((B, T, 1), jnp.float32)
+      keep_BT1 = valid_BT[..., None].astype(jnp.float32)
       x_BD = jnp.sum(x_BTD.astype(jnp.float32) * keep_BT1, axis=1) / jnp.maximum(
         jnp.sum(keep_BT1, axis=1), 1.0
       )

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from attnzoo import attention as attention_lib
 from attnzoo.attention import hooks as hooks_lib
@@ -134,11 +134,18 @@ class Attention(nnx.Module):
     )
 
   def __call__(
-    self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"] | None = None
+    self,
+    x_BTD: Float[Array, "B T D"],
+    positions_BT: Int[Array, "B T"] | None = None,
+    valid_BT: Bool[Array, "B T"] | None = None,
   ) -> Float[Array, "B T D"]:
+    """`valid_BT` marks real (non-padding) tokens; families that keep statistics over tokens
+    (routing loads, EMAs) read it as the layer input "valid" (all True when None)."""
     B, T, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), jnp.bool_)
     q_BTNH = self.query(x_BTD)
     k_BTKH = self.key(x_BTD)
     v_BTKH = self.value(x_BTD)
@@ -158,7 +165,7 @@ class Attention(nnx.Module):
       kwargs["mask"] = self.mask
     kwargs.update(_values(self.family_params, self.family.params))
     kwargs.update(_values(self.family_state, self.family.state))
-    layer_inputs = dict(x=x_BTD, positions=positions_BT)
+    layer_inputs = dict(x=x_BTD, positions=positions_BT, valid=valid_BT)
     kwargs.update({name: layer_inputs[name] for name in self.family.layer_inputs})
     out_BTNV = self.family.attention(q_BTNH, k_BTKH, v_BTKH, **kwargs)
     if self.family.returns_aux:

@@ -202,6 +202,8 @@ def _family_builder(name: str, setting_name: str, impl: str, scenario: str):
       consts["x"] = jax.random.normal(jax.random.key(2), (B, T, N * H), jnp.float32).astype(dtype)
     if "positions" in family.layer_inputs:
       consts["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if "valid" in family.layer_inputs:
+      consts["valid"] = jnp.ones((B, T), jnp.bool_)
 
     def fn(q, k, v, params, consts):
       out = family.attention(q, k, v, implementation=impl, **kwargs, **params, **consts)

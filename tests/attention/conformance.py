@@ -46,6 +46,7 @@ def call_family(family: registry.Family, q, k, v, *, implementation, seed=0, **k
   inputs = {
     "x": jax.random.normal(jax.random.key(2000 + seed), (B, T, N * H)).astype(q.dtype),
     "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+    "valid": jnp.ones((B, T), jnp.bool_),
   }
   for name in family.layer_inputs:
     kw[name] = inputs[name]
