@@ -20,6 +20,7 @@ without knowing its name:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,14 +35,17 @@ LAYER_INPUTS = ("x", "positions", "valid")
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-  """The sizes a learned array's shape may depend on: model width D, query heads N, kv heads K,
-  query/key head dim H, value head dim V."""
+  """What a learned array's shape may depend on: model width D, query heads N, kv heads K,
+  query/key head dim H, value head dim V, and the family's knobs as the call will see them
+  (`Family.knob_values`: the function's defaults updated with the given knobs), so a knob such
+  as a convolution's kernel size can size its array: `lambda d: (d.knobs["kernel_size"], d.H)`."""
 
   D: int
   N: int
   K: int
   H: int
   V: int
+  knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def zeros_init(key, shape, dtype=jnp.float32):
@@ -185,6 +189,16 @@ class Family:
     clash = set(self.params) & set(self.state)
     if clash:
       raise ValueError(f"family {self.name!r}: {sorted(clash)} is both a param and a state")
+
+  def knob_values(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The function's keyword-only defaults, updated with `given` (None values = default)."""
+    values = {
+      p.name: p.default
+      for p in inspect.signature(self.attention).parameters.values()
+      if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+    }
+    values.update({k: v for k, v in (given or {}).items() if v is not None})
+    return values
 
   def init_arrays(self, key, dims: Dims, dtype=jnp.float32) -> dict[str, jax.Array]:
     """Fresh values of every declared param and state array, by keyword name (for functional

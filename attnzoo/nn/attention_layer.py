@@ -123,7 +123,14 @@ class Attention(nnx.Module):
     self.out = nnx.LinearGeneral(
       (num_heads, head_dim), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
     )
-    dims = Dims(D=dim, N=num_heads, K=num_kv_heads, H=head_dim, V=head_dim)
+    dims = Dims(
+      D=dim,
+      N=num_heads,
+      K=num_kv_heads,
+      H=head_dim,
+      V=head_dim,
+      knobs=self.family.knob_values(knobs),
+    )
     create = lambda specs, kind: nnx.Dict(
       {name: kind(spec.create(rngs.params(), dims)) for name, spec in specs.items()}
     )

@@ -191,8 +191,9 @@ def _family_builder(name: str, setting_name: str, impl: str, scenario: str):
     setting = family.conformance.cases[setting_name]
     # `implementation_options` are left out: they size tiles for the suite's tiny shapes (e.g.
     # 16x8 softmax tiles), not for a benchmark; each implementation runs at its defaults.
-    dims = registry.Dims(D=N * H, N=N, K=N, H=H, V=H)
-    kwargs = {**setting.options_for(dims), **_mask_kwargs(scenario, T)}
+    shapes = registry.Dims(D=N * H, N=N, K=N, H=H, V=H)
+    kwargs = {**setting.options_for(shapes), **_mask_kwargs(scenario, T)}
+    dims = registry.Dims(D=N * H, N=N, K=N, H=H, V=H, knobs=family.knob_values(kwargs))
     if impl == "pallas" and _on_cpu() and "interpret" not in kwargs and _takes(family, "interpret"):
       kwargs["interpret"] = True  # the Pallas kernel only runs under the interpreter on CPU
     arrays = family.init_arrays(jax.random.key(1), dims)

@@ -41,7 +41,7 @@ def call_family(family: registry.Family, q, k, v, *, implementation, seed=0, **k
   their specs (fixed seed), layer inputs synthesised from the shapes, aux dropped."""
   B, T, N, H = q.shape
   K, V = k.shape[2], v.shape[-1]
-  dims = registry.Dims(D=N * H, N=N, K=K, H=H, V=V)
+  dims = registry.Dims(D=N * H, N=N, K=K, H=H, V=V, knobs=family.knob_values(kw))
   arrays = family.init_arrays(jax.random.key(1000 + seed), dims)
   inputs = {
     "x": jax.random.normal(jax.random.key(2000 + seed), (B, T, N * H)).astype(q.dtype),

@@ -206,3 +206,28 @@ def test_srms_norm_layer_has_no_scale_and_unit_rms():
   y = layer(_x() * 5.0)
   assert not jax.tree.leaves(nnx.state(layer, nnx.Param))
   tolerances.assert_close(jnp.sqrt(jnp.mean(y * y, -1)), jnp.ones((B, T)))
+
+
+def test_learned_array_shapes_may_depend_on_knobs(monkeypatch):
+  """`Dims.knobs` holds the family's knobs as the call sees them (signature defaults updated
+  with the layer's knobs), so a knob can size a learned array."""
+  from attnzoo import attention  # noqa: PLC0415
+  from attnzoo.attention import registry  # noqa: PLC0415
+
+  def taps_attention(q, k, v, *, taps, width: int = 3, is_causal=False, implementation=None):
+    assert taps.shape == (width, q.shape[2])
+    return attention.dot_product_attention(q, k, v, is_causal=is_causal)
+
+  family = registry.Family(
+    name="taps",
+    attention=taps_attention,
+    implementations=("xla",),
+    params={"taps": registry.ParamSpec(lambda d: (d.knobs["width"], d.N))},
+  )
+  monkeypatch.setitem(attention.FAMILIES, "taps", family)
+  for knobs, width in ((None, 3), ({"width": 5}, 5)):
+    layer = nn.Attention(
+      D, num_heads=N, num_kv_heads=N, head_dim=H, family="taps", knobs=knobs, rngs=nnx.Rngs(0)
+    )
+    assert layer.family_params["taps"][...].shape == (width, N)
+    assert layer(_x()).shape == (B, T, D)
