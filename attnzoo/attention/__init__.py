@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from attnzoo.attention.dense import softmax
 from attnzoo.attention.dense.softmax import dot_product_attention
+from attnzoo.attention.heads import affine_scaled, moh, rcmha
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,
   "linear": linear.FAMILY,
+  "rcmha": rcmha.FAMILY,
+  "moh": moh.FAMILY,
+  "affine_scaled": affine_scaled.FAMILY,
 }
 
 

@@ -54,3 +54,14 @@ def test_growth_exponent_recovers_a_power_law():
   np.testing.assert_allclose(speed_memory.growth_exponent(ts, [3 * t**2 for t in ts]), 2.0)
   np.testing.assert_allclose(speed_memory.growth_exponent(ts, [5, None, 20]), 1.0)
   assert speed_memory.growth_exponent(ts, [1.0, None, None]) is None
+
+
+def test_head_params_counts_the_built_models_and_matches_every_row(tmp_path):
+  from experiments.tables import head_params  # noqa: PLC0415
+
+  summary = head_params.run(str(tmp_path), "quick")
+  total = len(head_params.MOH) + len(head_params.AFFINE)
+  assert f"{total}/{total} rows match" in summary
+  doc = json.loads((tmp_path / "head_params.json").read_text())
+  assert doc["moh"]["LLM-S"]["overhead"] == 12 * 768 * 14  # L·D·(h+2), counted not typed
+  assert doc["affine_scaled"]["1B (Llama-3.2-1B shape)"]["delta"] == 16 * 2048 * 32

@@ -1,0 +1,1 @@
+"""Head-level families: mechanisms that change what each attention head computes."""
