@@ -14,6 +14,10 @@ without knowing its name:
 - `layer_inputs`: values of the layer it reads besides q/k/v ("x": the layer input [B,T,D],
   "positions": int [B,T], "valid": bool [B,T], False at padding tokens).
 - `hooks`: default input/output hooks of the layer (`attnzoo.attention.hooks`).
+- `heads`: the layer's head layout when it is not the model's (fewer query heads, different key
+  and value head counts, experts stacked along the head axis): `Dims -> Dims`.
+- `projection`: the family's own q/k/v projections when the layer's plain ones are not what it
+  computes (a low-rank query, values re-parameterised from keys, an augmented query).
 - `conformance`: how the shared conformance suite and the benchmark call it.
 """
 
@@ -35,10 +39,11 @@ LAYER_INPUTS = ("x", "positions", "valid")
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-  """What a learned array's shape may depend on: model width D, query heads N, kv heads K,
-  query/key head dim H, value head dim V, and the family's knobs as the call will see them
-  (`Family.knob_values`: the function's defaults updated with the given knobs), so a knob such
-  as a convolution's kernel size can size its array: `lambda d: (d.knobs["kernel_size"], d.H)`."""
+  """What a learned array's shape may depend on: model width D, query heads N, key heads K,
+  query/key head dim H, value head dim V, value heads Kv (0 means K: the usual shared kv head
+  count), and the family's knobs as the call will see them (`Family.knob_values`: the function's
+  defaults updated with the given knobs), so a knob such as a convolution's kernel size can size
+  its array: `lambda d: (d.knobs["kernel_size"], d.H)`."""
 
   D: int
   N: int
@@ -46,6 +51,17 @@ class Dims:
   H: int
   V: int
   knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  Kv: int = 0
+
+  def __post_init__(self):
+    if not self.Kv:
+      object.__setattr__(self, "Kv", self.K)
+
+  def replace(self, **changes) -> Dims:
+    """A copy with `changes` (a family's `heads` rule builds the layer's layout with it)."""
+    if "K" in changes and "Kv" not in changes and self.Kv == self.K:
+      changes["Kv"] = changes["K"]
+    return dataclasses.replace(self, **changes)
 
 
 def zeros_init(key, shape, dtype=jnp.float32):
@@ -61,11 +77,13 @@ class ParamSpec:
     shape: `Dims -> tuple[int, ...]`, e.g. `lambda d: (d.D, d.N)` for a per-token head router.
     init: `(key, shape, dtype) -> array` (any `jax.nn.initializers` function); zeros by default.
     doc: one line for the docs and error messages.
+    head_axis: the axis indexed by query head, if any (head pruning slices it).
   """
 
   shape: Callable[[Dims], tuple[int, ...]]
   init: Callable[..., jax.Array] = zeros_init
   doc: str = ""
+  head_axis: int | None = None
 
   def create(self, key, dims: Dims, dtype=jnp.float32) -> jax.Array:
     return self.init(key, tuple(int(s) for s in self.shape(dims)), dtype)
@@ -86,6 +104,35 @@ class Aux:
   losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   state: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+PROJECTED = ("q", "k", "v")
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+  """A family's own q/k/v projections, used by the layer instead of (some of) its plain ones.
+
+  The layer creates its plain projections query [D,N,H], key [D,K,H], value [D,Kv,V] for the
+  names not in `replaces`, computes them from the layer input, then calls
+  `apply(params, x_BTD, q, k, v, dims) -> (q, k, v)` with None for each replaced one; `params`
+  are created from their specs like a family's (`nnx.Param`s under `projection_params`). Input
+  hooks and positions (RoPE) run on what `apply` returns.
+
+  Attributes:
+    replaces: which of "q", "k", "v" the layer does not create (the family computes them).
+    params: the arrays `apply` learns, by name.
+    apply: see above; `dims` is the layer's layout (after `Family.heads`).
+  """
+
+  replaces: tuple[str, ...]
+  params: Mapping[str, ParamSpec]
+  apply: Callable[..., tuple[Any, Any, Any]]
+
+  def __post_init__(self):
+    bad = [r for r in self.replaces if r not in PROJECTED]
+    if bad:
+      raise ValueError(f"Projection.replaces {bad} not among {PROJECTED}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +199,10 @@ class Family:
     aux_losses: loss name -> default weight.
     layer_inputs: layer values passed by keyword (subset of `LAYER_INPUTS`).
     hooks: default layer hooks by name (`attnzoo.attention.hooks.HOOKS`), in order.
+    heads: optional `Dims -> Dims`: the layer's head layout from the model's (SQA's fewer query
+      heads, Sigma's separate key and value head counts, MFA's one wide kv head, mixture
+      experts stacked on the head axis); None keeps the model's.
+    projection: optional `Projection`: q/k/v computed by the family's own projections.
     conformance: options of the shared conformance suite and benchmark cases.
   """
 
@@ -169,6 +220,8 @@ class Family:
   aux_losses: Mapping[str, float] = dataclasses.field(default_factory=dict)
   layer_inputs: tuple[str, ...] = ()
   hooks: tuple[str, ...] = ()
+  heads: Callable[[Dims], Dims] | None = None
+  projection: Projection | None = None
   conformance: Conformance = dataclasses.field(default_factory=Conformance)
 
   def __post_init__(self):
@@ -199,6 +252,21 @@ class Family:
     }
     values.update({k: v for k, v in (given or {}).items() if v is not None})
     return values
+
+  def layer_dims(self, model: Dims) -> Dims:
+    """The layer's head layout for a model's `Dims` (`heads` applied and checked)."""
+    dims = model if self.heads is None else self.heads(model)
+    for letter in ("K", "Kv"):
+      heads = getattr(dims, letter)
+      if heads < 1 or dims.N % heads:
+        raise ValueError(
+          f"family {self.name!r}: {dims.N} query heads are not a multiple of "
+          f"{heads} {'key' if letter == 'K' else 'value'} heads (from the model's N={model.N}, "
+          f"K={model.K} and knobs {dict(model.knobs)}); choose head counts that divide N"
+        )
+    if min(dims.N, dims.H, dims.V) < 1:
+      raise ValueError(f"family {self.name!r}: layer layout {dims} has an empty axis")
+    return dims
 
   def init_arrays(self, key, dims: Dims, dtype=jnp.float32) -> dict[str, jax.Array]:
     """Fresh values of every declared param and state array, by keyword name (for functional

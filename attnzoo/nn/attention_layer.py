@@ -48,7 +48,10 @@ class Attention(nnx.Module):
   `num_kv_heads == num_heads` is MHA (Vaswani et al., arXiv 1706.03762 §3.2.2),
   `1 < num_kv_heads < num_heads` is GQA (Ainslie et al., arXiv 2305.13245),
   `num_kv_heads == 1` is MQA (Shazeer, arXiv 1911.02150). Kernels: query [D, N, H],
-  key/value [D, K, H], out [N, H, D] (param paths `query`, `key`, `value`, `out`).
+  key [D, K, H], value [D, Kv, V], out [N, V, D] (param paths `query`, `key`, `value`, `out`),
+  where the layout (N, K, Kv, H, V) is the model's (num_heads, num_kv_heads, num_kv_heads,
+  head_dim, head_dim) unless the family's `heads` rule changes it (`self.dims`). Projections a
+  family replaces (`Family.projection`) are None here; its own arrays are `projection_params`.
 
   Args:
     dim: model width D.
@@ -100,7 +103,6 @@ class Attention(nnx.Module):
         f"family {family!r} takes no mask/bias, so mask={mask!r} and "
         f"position={position!r} cannot apply; drop them or pick another family"
       )
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
     hook_spec = knobs.pop("hooks", None)
     self.hooks = self.family.hooks if hook_spec is None else hooks_lib.parse(hook_spec)
@@ -114,16 +116,7 @@ class Attention(nnx.Module):
     self.aux_weights = weights
     self.position, self.rope_base, self.is_causal = position, rope_base, is_causal
     self.mask = mask
-    proj = lambda heads: nnx.LinearGeneral(
-      dim, (heads, head_dim), use_bias=use_bias, dtype=dtype, rngs=rngs
-    )
-    self.query = proj(num_heads)
-    self.key = proj(num_kv_heads)
-    self.value = proj(num_kv_heads)
-    self.out = nnx.LinearGeneral(
-      (num_heads, head_dim), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
-    )
-    dims = Dims(
+    model_dims = Dims(
       D=dim,
       N=num_heads,
       K=num_kv_heads,
@@ -131,9 +124,27 @@ class Attention(nnx.Module):
       V=head_dim,
       knobs=self.family.knob_values(knobs),
     )
+    # The family's head layout (SQA's fewer query heads, Sigma's K != Kv, stacked experts).
+    dims = self.family.layer_dims(model_dims)
+    self.dims = dims
+    self.num_heads, self.num_kv_heads, self.head_dim = dims.N, dims.K, dims.H
+    projection = self.family.projection
+    replaced = projection.replaces if projection is not None else ()
+    proj = lambda name, heads, width: (
+      None
+      if name in replaced
+      else nnx.LinearGeneral(dim, (heads, width), use_bias=use_bias, dtype=dtype, rngs=rngs)
+    )
+    self.query = proj("q", dims.N, dims.H)
+    self.key = proj("k", dims.K, dims.H)
+    self.value = proj("v", dims.Kv, dims.V)
+    self.out = nnx.LinearGeneral(
+      (dims.N, dims.V), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
+    )
     create = lambda specs, kind: nnx.Dict(
       {name: kind(spec.create(rngs.params(), dims)) for name, spec in specs.items()}
     )
+    self.projection_params = create(projection.params if projection else {}, nnx.Param)
     self.family_params = create(self.family.params, nnx.Param)
     self.family_state = create(self.family.state, FamilyState)
     self.hook_params = nnx.Dict(
@@ -153,9 +164,18 @@ class Attention(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if valid_BT is None:
       valid_BT = jnp.ones((B, T), jnp.bool_)
-    q_BTNH = self.query(x_BTD)
-    k_BTKH = self.key(x_BTD)
-    v_BTKH = self.value(x_BTD)
+    plain = lambda proj: None if proj is None else proj(x_BTD)
+    q_BTNH, k_BTKH, v_BTKH = plain(self.query), plain(self.key), plain(self.value)
+    projection = self.family.projection
+    if projection is not None:
+      q_BTNH, k_BTKH, v_BTKH = projection.apply(
+        _values(self.projection_params, projection.params),
+        x_BTD,
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        self.dims,
+      )
     for name in self.hooks:
       hook = hooks_lib.HOOKS[name]
       if hook.stage == "input":
