@@ -18,6 +18,7 @@ ORDER = (
   "attnzoo.attention",
   "attnzoo.nn",
   "attnzoo.models",
+  "attnzoo.compress",
   "attnzoo.training",
   "configs",
   "experiments",

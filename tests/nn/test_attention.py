@@ -231,3 +231,73 @@ def test_learned_array_shapes_may_depend_on_knobs(monkeypatch):
     )
     assert layer.family_params["taps"][...].shape == (width, N)
     assert layer(_x()).shape == (B, T, D)
+
+
+def test_family_head_layout_and_own_projection_reach_the_layer(monkeypatch):
+  """`Family.heads` sizes the layer's projections (here N/2 query heads, 1 key head, 2 value
+  heads, value width 2H); `Family.projection` replaces the plain value projection: the layer
+  creates none, creates the projection's arrays and passes what `apply` returns."""
+  from attnzoo import attention  # noqa: PLC0415
+  from attnzoo.attention import registry  # noqa: PLC0415
+
+  seen = {}
+
+  def spy(q, k, v, *, is_causal=False, implementation=None):
+    seen.update(q=q.shape, k=k.shape, v=v.shape)
+    return attention.dot_product_attention(q, k, v, is_causal=is_causal)
+
+  def values_from_keys(params, x, q, k, v, dims):
+    assert v is None and q is not None
+    v = jnp.einsum("btkh,hv->btkv", jnp.repeat(k, dims.Kv // dims.K, axis=2), params["w"])
+    return q, k, v
+
+  family = registry.Family(
+    name="layout",
+    attention=spy,
+    implementations=("xla",),
+    heads=lambda d: d.replace(N=d.N // 2, K=1, Kv=2, V=2 * d.H),
+    projection=registry.Projection(
+      replaces=("v",),
+      params={"w": registry.ParamSpec(lambda d: (d.H, d.V), jax.nn.initializers.normal(1.0))},
+      apply=values_from_keys,
+    ),
+  )
+  monkeypatch.setitem(attention.FAMILIES, "layout", family)
+  layer = nn.Attention(
+    D, num_heads=N, num_kv_heads=N, head_dim=H, family="layout", rngs=nnx.Rngs(0)
+  )
+  assert layer.value is None
+  assert layer.query.kernel.shape == (D, N // 2, H) and layer.key.kernel.shape == (D, 1, H)
+  assert layer.out.kernel.shape == (N // 2, 2 * H, D)
+  assert layer.projection_params["w"][...].shape == (H, 2 * H)
+  assert layer(_x()).shape == (B, T, D)
+  assert seen == dict(q=(B, T, N // 2, H), k=(B, T, 1, H), v=(B, T, 2, 2 * H))
+
+
+@pytest.mark.parametrize(
+  "heads, match",
+  [
+    (lambda d: d.replace(K=3), "not a multiple of 3 key heads"),
+    (lambda d: d.replace(Kv=3), "not a multiple of 3 value heads"),
+  ],
+)
+def test_head_layout_that_does_not_divide_raises(monkeypatch, heads, match):
+  from attnzoo import attention  # noqa: PLC0415
+  from attnzoo.attention import registry  # noqa: PLC0415
+
+  family = registry.Family(
+    name="bad_layout",
+    attention=attention.dot_product_attention,
+    implementations=("xla",),
+    heads=heads,
+  )
+  monkeypatch.setitem(attention.FAMILIES, "bad_layout", family)
+  with pytest.raises(ValueError, match=match):
+    nn.Attention(D, num_heads=N, num_kv_heads=N, head_dim=H, family="bad_layout", rngs=nnx.Rngs(0))
+
+
+def test_projection_replacing_an_unknown_name_raises():
+  from attnzoo.attention import registry  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match="not among"):
+    registry.Projection(replaces=("o",), params={}, apply=lambda *a: a)

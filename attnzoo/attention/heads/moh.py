@@ -110,6 +110,7 @@ def head_gates(
   top_k: int,
   gates: str = "code",
   router: str = "linear",
+  two_stage: bool = True,
 ) -> tuple[Float[Array, "B T N"], Float[Array, "B T R"], Float[Array, "B T R"], Array | None]:
   """The per-token head gates (fp32) and the routing quantities the balance loss reads.
 
@@ -144,7 +145,11 @@ def head_gates(
   if h_s == 0:
     return g_r_BTR, p_BTR, mask_BTR, None
   g_s_BTS = jax.nn.softmax(logits_BTN[..., :h_s], axis=-1)
-  alpha_BT2 = jax.nn.softmax(jnp.einsum("btd,dm->btm", x_f, w_mix.astype(jnp.float32)), axis=-1)
+  if two_stage:
+    logits_BT2 = jnp.einsum("btd,dm->btm", x_f, w_mix.astype(jnp.float32))
+  else:  # Table 6's "+shared heads" row: a fixed, equal mix (what W_h = 0 gives)
+    logits_BT2 = jnp.zeros((B, T, 2), jnp.float32)
+  alpha_BT2 = jax.nn.softmax(logits_BT2, axis=-1)
   if gates == "code":
     g_s_BTS = h_s * g_s_BTS
     alpha_BT2 = 2.0 * alpha_BT2
@@ -180,6 +185,7 @@ def attention(
   top_k: int | None = None,
   gates: str = "code",
   router: str = "linear",
+  two_stage: bool = True,
   w_router: Float[Array, "D N"],
   w_mix: Float[Array, "D 2"],
   x: Float[Array, "B T D"],
@@ -197,6 +203,9 @@ def attention(
     gates: "code" (count-scaled, the official code) or "paper" (Eq. 5, normalised).
     router: "linear" (learned W_s, W_r, W_h) or "qnorm" (MoH-LLaMA3, parameter-free).
     w_router: [D,N] router weights, columns [:h_s] = W_s, [h_s:] = W_r.
+    two_stage: learn the shared/routed mix α = softmax(W_h x_t) (Eq. 6); False fixes it at
+      α1 = α2 = ½ (×2 in code units, i.e. W_h = 0: Table 6's "+shared heads" ablation row;
+      w_mix is then unused).
     w_mix: [D,2] W_h of the two-stage routing.
     x: [B,T,D] the layer input (the token state the router reads).
     valid: bool [B,T], False at padding (excluded from the balance statistics); None = all.
@@ -241,7 +250,15 @@ def attention(
     block_sizes=block_sizes,
   )
   gates_BTN, p_BTR, mask_BTR, alpha_BT2 = head_gates(
-    q, x, w_router, w_mix, num_shared=num_shared, top_k=top_k, gates=gates, router=router
+    q,
+    x,
+    w_router,
+    w_mix,
+    num_shared=num_shared,
+    top_k=top_k,
+    gates=gates,
+    router=router,
+    two_stage=two_stage,
   )
   out = (heads_BTNV.astype(jnp.float32) * gates_BTN[..., None]).astype(q.dtype)
 

@@ -112,6 +112,20 @@ def test_two_stage_mix_moves_weight_between_shared_and_routed_heads():
   assert_close(jnp.sum(g[..., 3:], -1), 2 * alpha[..., 1])
 
 
+def test_without_two_stage_the_mix_is_fixed_as_a_zero_w_h_gives():
+  """Table 6's "+shared heads" row: α fixed at ½ (×2) whatever W_h holds; W_h gets no gradient."""
+  q, k, v, x = inputs()
+  w_router, w_mix = router()
+  run = lambda w_mix, two_stage: moh.attention(
+    q, k, v, x=x, w_router=w_router, w_mix=w_mix, num_shared=2, top_k=2, two_stage=two_stage
+  )[0]
+  fixed = run(w_mix, False)
+  np.testing.assert_array_equal(fixed, run(jnp.zeros_like(w_mix), True))
+  assert not np.allclose(fixed, run(w_mix, True))
+  grad = jax.grad(lambda w: jnp.sum(run(w, False) ** 2))(w_mix)
+  np.testing.assert_array_equal(grad, jnp.zeros_like(w_mix))
+
+
 def test_out_is_each_head_of_mha_times_its_gate():
   q, k, v, x = inputs(seed=6)
   w_router, w_mix = router()
