@@ -20,6 +20,8 @@ from ml_collections import config_dict
 
 from attnzoo import masks
 from attnzoo.attention import knobs as knobs_lib
+from attnzoo.attention import pooling as pooling_lib
+from attnzoo.nn import moe as moe_lib
 
 
 def declared(arguments: dict[str, tuple[Any, str]], **values: Any) -> ml_collections.ConfigDict:
@@ -81,7 +83,10 @@ def base(attention: str) -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 0  # 0 = num_heads (MHA); 1 = MQA; a divisor = GQA
   c.model.head_dim = 0  # 0 = dim // num_heads
   c.model.mlp_dim = 0  # 0 = 4 dim (plain) / 8/3 dim (gated)
-  c.model.mlp = "gated"
+  c.model.mlp = "gated"  # plain | gated | moe (top-k mixture of gated experts)
+  c.model.num_experts = 4  # mlp="moe" only
+  c.model.moe_top_k = 1  # mlp="moe" only
+  c.model.block = "sequential"  # sequential | parallel (one shared norm, BAM / PaLM)
   c.model.activation = "silu"  # gated + silu = SwiGLU
   c.model.norm = "rms"
   c.model.attention = attention  # one family, or a per-layer pattern "linear+softmax"
@@ -94,6 +99,8 @@ def base(attention: str) -> ml_collections.ConfigDict:
   )
   # Weights of the aux losses the families declare: `--config.model.aux_weights.balance=0.1`.
   c.model.aux_weights = ml_collections.ConfigDict(knobs_lib.aux_weights(families))
+  # The MoE FFN's losses (mlp="moe"): `--config.model.aux_weights.moe_balance=0.01`.
+  c.model.aux_weights.update(moe_lib.AUX_LOSSES)
   c.model.position = "rope"  # none | rope | alibi | learned
   c.model.rope_base = 10000.0
   c.model.mask = ""  # "" or a name in attnzoo.masks.MASKS; use set_mask
@@ -101,6 +108,11 @@ def base(attention: str) -> ml_collections.ConfigDict:
   c.model.patch_size = ()  # () = one token per input id; (ph, pw) = ViT patches
   c.model.dropout = 0.0
   c.model.dtype = "float32"
+  # Classifiers: pooling over tokens, a name in attnzoo.attention.pooling.POOLINGS ("mean" |
+  # "lama"); "lm" tasks keep "mean". Knobs of every pooling, None = the chosen one's default:
+  # `--config.model.pool=lama --config.model.pool_knobs.num_heads=8`.
+  c.model.pool = "mean"
+  c.model.pool_knobs = declared(pooling_lib.all_knobs())
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

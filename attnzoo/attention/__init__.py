@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from attnzoo.attention.dense import softmax
 from attnzoo.attention.dense.softmax import dot_product_attention
-from attnzoo.attention.heads import affine_scaled, moh, rcmha
+from attnzoo.attention.heads import affine_scaled, bam, diffqkv, mfa, moh, rcmha, shrp, sqa
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
 
@@ -18,6 +18,12 @@ FAMILIES: dict[str, Family] = {
   "rcmha": rcmha.FAMILY,
   "moh": moh.FAMILY,
   "affine_scaled": affine_scaled.FAMILY,
+  "bam": bam.FAMILY,
+  "mfa": mfa.FAMILY,
+  "mfa_kr": mfa.FAMILY_KR,
+  "shrp": shrp.FAMILY,
+  "sqa": sqa.FAMILY,
+  "diffqkv": diffqkv.FAMILY,
 }
 
 

@@ -6,8 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, int, int, int, int]:
-  """Checks q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]; returns (B, T, S, N, K, H, Hv)."""
+def check_qkv(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, separate_kv_heads: bool = False
+) -> tuple[int, int, int, int, int, int, int]:
+  """Checks q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]; returns (B, T, S, N, K, H, Hv).
+
+  `separate_kv_heads=True` (softmax attention) also accepts v [B,S,Kv,Hv] with Kv != K, each
+  dividing N (Sigma's DiffQKV, arXiv 2501.13629 Eq. 3); the returned K is the key head count.
+  """
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "ndim") or x.ndim != 4:
       shape = getattr(x, "shape", type(x).__name__)
@@ -24,20 +30,26 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[int, int, int, 
     raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv}; they must be equal")
   if S != Sv:
     raise ValueError(f"k has S={S} positions but v has {Sv}; they must be equal")
-  if K != Kv:
-    raise ValueError(f"k has K={K} heads but v has {Kv}; they must be equal")
+  if K != Kv and not separate_kv_heads:
+    raise ValueError(
+      f"k has K={K} heads but v has {Kv}; they must be equal here (softmax attention, "
+      "`dot_product_attention`, takes different key and value head counts)"
+    )
   if H != Hk:
     raise ValueError(f"q head dim H={H} differs from k head dim {Hk}; they must be equal")
   check_heads(N, K)
+  if Kv != K:
+    check_heads(N, Kv, what="value")
   return B, T, S, N, K, H, Hv
 
 
-def check_heads(N: int, K: int) -> int:
+def check_heads(N: int, K: int, *, what: str = "kv") -> int:
   """Checks grouped-query heads (N % K == 0); returns G = N // K."""
   if K == 0 or N % K:
+    letter = "Kv" if what == "value" else "K"
     raise ValueError(
-      f"query heads N={N} must be a multiple of kv heads K={K} (grouped-query attention); "
-      f"choose K among the divisors of N"
+      f"query heads N={N} must be a multiple of {what} heads {letter}={K} (grouped-query "
+      f"attention); choose {letter} among the divisors of N"
     )
   return N // K
 

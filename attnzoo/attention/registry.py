@@ -74,7 +74,9 @@ class ParamSpec:
   """One array a family (or hook) learns or carries.
 
   Attributes:
-    shape: `Dims -> tuple[int, ...]`, e.g. `lambda d: (d.D, d.N)` for a per-token head router.
+    shape: `Dims -> tuple[int, ...]`, e.g. `lambda d: (d.D, d.N)` for a per-token head router,
+      or `None` when the knobs switch the array off (an optional augmented query): it is then
+      not created, not checkpointed and not passed (a family param needs a default).
     init: `(key, shape, dtype) -> array` (any `jax.nn.initializers` function); zeros by default.
     doc: one line for the docs and error messages.
     head_axis: the axis indexed by query head, if any (head pruning slices it).
@@ -85,8 +87,12 @@ class ParamSpec:
   doc: str = ""
   head_axis: int | None = None
 
-  def create(self, key, dims: Dims, dtype=jnp.float32) -> jax.Array:
-    return self.init(key, tuple(int(s) for s in self.shape(dims)), dtype)
+  def create(self, key, dims: Dims, dtype=jnp.float32) -> jax.Array | None:
+    """A fresh array, or None when `shape(dims)` is None (switched off by the knobs)."""
+    shape = self.shape(dims)
+    if shape is None:
+      return None
+    return self.init(key, tuple(int(s) for s in shape), dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -273,10 +279,11 @@ class Family:
     use: tests, benchmarks, notebooks; the NNX layer creates the same from the same specs)."""
     specs = {**self.params, **self.state}
     keys = jax.random.split(key, max(len(specs), 1))
-    return {
+    arrays = {
       name: spec.create(k, dims, dtype)
       for (name, spec), k in zip(specs.items(), keys, strict=False)
     }
+    return {name: a for name, a in arrays.items() if a is not None}
 
 
 def current_mesh_axis(name: str) -> int:

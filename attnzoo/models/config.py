@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from attnzoo.attention import pooling as pooling_lib
+
 TASKS = ("lm", "classify")
 # Former names of fields -> the one name each concept has now (configs using them get an error).
 RENAMED = {
@@ -17,6 +19,10 @@ RENAMED = {
   "attention_output_gate": "knobs.<family>.hooks = 'output_gate'",
 }
 EMBEDDINGS = ("tokens", "patches")
+MLPS = ("plain", "gated", "moe")
+BLOCKS = ("sequential", "parallel")
+# The pooling every config declares; the only one an "lm" model (which does not pool) accepts.
+DEFAULT_POOL = "mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +32,7 @@ class ModelConfig:
 
   Attributes:
     task: "lm" (causal decoder, logits at every position) or "classify"
-      (bidirectional encoder, mean-pooled, one label per sequence).
+      (bidirectional encoder, pooled by `pool`, one label per sequence).
     vocab_size: input token vocabulary (pixel intensity levels for images).
     input_len: L, the number of input ids per example (pixels for images; the tokens that
       attention sees are `seq_len`, fewer when patches group pixels).
@@ -36,7 +42,11 @@ class ModelConfig:
       in __post_init__: after construction it is always the actual K).
     head_dim: H; 0 means D // N (resolved likewise).
     mlp_dim: feed-forward width; 0 means 4 D (plain) or 8/3 D rounded to 8 (gated) (resolved).
-    mlp: "plain" or "gated"; activation: "gelu", "relu" or "silu" (gated + silu = SwiGLU).
+    mlp: "plain", "gated" or "moe" (top-k mixture of gated experts, `attnzoo.nn.MoEFFN`);
+      activation: "gelu", "relu" or "silu" (gated + silu = SwiGLU).
+    num_experts, moe_top_k: E experts and k per token of mlp="moe" (ignored otherwise).
+    block: "sequential" (x + attn(norm x), then + mlp(norm x)) or "parallel"
+      (x + attn(norm x) + mlp(norm x), ONE shared norm as GPT-J / PaLM / BAM).
     norm: "rms" or "layer".
     attention: family name per layer; cycled when shorter than num_layers (hybrids).
     knobs: (family, ((knob, value), ...)) pairs: each layer passes its family's knobs
@@ -52,6 +62,9 @@ class ModelConfig:
     pad_id: input id of padding (-1: none); a classifier pools over non-pad tokens only.
     dropout: residual dropout rate.
     dtype: activation dtype ("float32" / "bfloat16"); params stay float32.
+    pool: a classifier's pooling over tokens, a name in `attnzoo.attention.pooling.POOLINGS`
+      ("mean": masked mean, the default; "lama": LAMA attention pooling); "lm" takes only "mean".
+    pool_knobs: (knob, value) pairs of that pooling (LAMA: num_heads, rank).
   """
 
   task: str
@@ -66,6 +79,9 @@ class ModelConfig:
   mlp_dim: int = 0
   mlp: str = "gated"
   activation: str = "silu"
+  num_experts: int = 0
+  moe_top_k: int = 1
+  block: str = "sequential"
   norm: str = "rms"
   attention: tuple[str, ...] = ("softmax",)
   knobs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -79,6 +95,8 @@ class ModelConfig:
   pad_id: int = -1
   dropout: float = 0.0
   dtype: str = "float32"
+  pool: str = DEFAULT_POOL
+  pool_knobs: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -115,8 +133,29 @@ class ModelConfig:
         f"spatial_shape={self.spatial_shape} has {math.prod(self.spatial_shape)} "
         f"pixels but input_len={self.input_len}"
       )
-    if self.mlp not in ("plain", "gated"):
-      raise ValueError(f"mlp={self.mlp!r} is not one of ('plain', 'gated')")
+    if self.mlp not in MLPS:
+      raise ValueError(f"mlp={self.mlp!r} is not one of {MLPS}")
+    if self.mlp == "moe" and not 1 <= self.moe_top_k <= self.num_experts:
+      raise ValueError(
+        f"mlp='moe' needs 1 <= moe_top_k <= num_experts, got moe_top_k={self.moe_top_k}, "
+        f"num_experts={self.num_experts}; set model.num_experts (>= 1) and model.moe_top_k"
+      )
+    if self.block not in BLOCKS:
+      raise ValueError(f"block={self.block!r} is not one of {BLOCKS}")
+    self._check_pool()
+
+  def _check_pool(self):
+    if self.pool not in pooling_lib.POOLINGS:
+      raise ValueError(
+        f"pool={self.pool!r} is not a registered pooling; valid: {sorted(pooling_lib.POOLINGS)}"
+      )
+    if self.task == "lm" and (self.pool != DEFAULT_POOL or self.pool_knobs):
+      raise ValueError(
+        f"pool={self.pool!r} with pool_knobs={self.pool_knobs} applies to task='classify' "
+        f"only; an 'lm' model predicts at every position: leave pool={DEFAULT_POOL!r}"
+      )
+    entry = pooling_lib.get_pooling(self.pool)
+    entry.out_dim(entry.dims(self.dim, dict(self.pool_knobs)))  # unknown or bad knobs raise
 
   def knobs_of(self, family: str) -> dict[str, Any]:
     """The knobs a layer of `family` passes (empty when none were set)."""

@@ -2,8 +2,8 @@
 
 The stack is the same for every task; what varies is the input embedding (token table
 or linear patch embedding), whether attention is causal, and the head (per-position
-logits, or mean-pooled class logits). The attention family of each layer comes from
-`ModelConfig.attention` through the registry, so hybrid stacks are a setting.
+logits, or class logits after a pooling chosen by name). The attention family of each layer
+comes from `ModelConfig.attention` through the registry, so hybrid stacks are a setting.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from attnzoo import masks, nn
+from attnzoo.attention import pooling as pooling_lib
 from attnzoo.models.config import ModelConfig
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+  """Pre-norm residual block. block="sequential": x + drop(attn(norm(x))), then
+  x + drop(mlp(norm(x))); "parallel": x + drop(attn(n)) + drop(mlp(n)) with n = attn_norm(x),
+  one norm shared by both branches (GPT-J, PaLM, BAM; `mlp_norm` is None). mlp="moe" is
+  `nn.MoEFFN` (it reads the valid-token mask for its load statistics)."""
 
   def __init__(
     self,
@@ -51,22 +55,41 @@ class Block(nnx.Module):
       num_layers=cfg.num_layers,
       rngs=rngs,
     )
-    self.mlp_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
-    self.mlp = nn.MLP(
-      cfg.dim,
-      cfg.mlp_dim,
-      gated=cfg.mlp == "gated",
-      activation=cfg.activation,
-      dtype=dtype,
-      rngs=rngs,
-    )
+    parallel = cfg.block == "parallel"
+    self.mlp_norm = None if parallel else nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
+    if cfg.mlp == "moe":
+      self.mlp = nn.MoEFFN(
+        cfg.dim,
+        cfg.mlp_dim,
+        cfg.num_experts,
+        top_k=cfg.moe_top_k,
+        activation=cfg.activation,
+        aux_weights=dict(cfg.aux_weights),
+        dtype=dtype,
+        rngs=rngs,
+      )
+    else:
+      self.mlp = nn.MLP(
+        cfg.dim,
+        cfg.mlp_dim,
+        gated=cfg.mlp == "gated",
+        activation=cfg.activation,
+        dtype=dtype,
+        rngs=rngs,
+      )
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BTD, positions_BT, valid_BT, *, deterministic: bool, rngs: nnx.Rngs | None):
-    h_BTD = self.attn(self.attn_norm(x_BTD), positions_BT, valid_BT)
-    x_BTD = x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
-    h_BTD = self.mlp(self.mlp_norm(x_BTD))
-    return x_BTD + self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
+    drop = lambda h_BTD: self.dropout(h_BTD, deterministic=deterministic, rngs=rngs)
+    mlp = lambda y_BTD: (
+      self.mlp(y_BTD, valid_BT) if isinstance(self.mlp, nn.MoEFFN) else self.mlp(y_BTD)
+    )
+    y_BTD = self.attn_norm(x_BTD)
+    h_BTD = self.attn(y_BTD, positions_BT, valid_BT)
+    if self.mlp_norm is None:
+      return x_BTD + drop(h_BTD) + drop(mlp(y_BTD))
+    x_BTD = x_BTD + drop(h_BTD)
+    return x_BTD + drop(mlp(self.mlp_norm(x_BTD)))
 
 
 def patchify(
@@ -82,11 +105,34 @@ def patchify(
   return x.reshape(B, math.prod(grid), math.prod(patch_size))
 
 
+class Pool(nnx.Module):
+  """A classifier's pooling over tokens: `cfg.pool` from `attnzoo.attention.pooling.POOLINGS`
+  with `cfg.pool_knobs`, its learned arrays as `nnx.Param`s under `params/<name>`.
+  `__call__(x [B,T,D], valid [B,T]) -> (pooled [B, out_dim], weights [B,M,T] or None)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.entry = pooling_lib.get_pooling(cfg.pool)
+    dims = self.entry.dims(cfg.dim, dict(cfg.pool_knobs))
+    self.knobs = dict(dims.knobs)
+    self.out_dim = self.entry.out_dim(dims)
+    self.params = nnx.Dict(
+      {
+        name: nnx.Param(spec.create(rngs.params(), dims))
+        for name, spec in self.entry.params.items()
+      }
+    )
+
+  def __call__(self, x_BTD, valid_BT):
+    arrays = {name: self.params[name][...] for name in self.entry.params}
+    return self.entry.pool(x_BTD, valid_BT, **arrays, **self.knobs)
+
+
 class Transformer(nnx.Module):
   """The generic stack. `__call__(inputs [B, L] int32) -> logits`.
 
   task="lm": causal, logits [B, L, vocab_size] (position t predicts token t + 1).
-  task="classify": bidirectional, mean pool over tokens, logits [B, num_classes].
+  task="classify": bidirectional, pooled over tokens (`cfg.pool`: mean by default, or an
+  attention pooling such as LAMA), logits [B, num_classes].
 
   Args:
     cfg: the model's hyper-parameters.
@@ -123,8 +169,10 @@ class Transformer(nnx.Module):
       ]
     )
     self.final_norm = nn.norm(cfg.norm, cfg.dim, dtype=dtype, rngs=rngs)
+    self.pool = Pool(cfg, rngs=rngs) if cfg.task == "classify" else None
     out = cfg.vocab_size if cfg.task == "lm" else cfg.num_classes
-    self.head = nnx.Linear(cfg.dim, out, dtype=dtype, rngs=rngs)
+    width = cfg.dim if self.pool is None else self.pool.out_dim
+    self.head = nnx.Linear(width, out, dtype=dtype, rngs=rngs)
 
   def _constrain(self, x_BTD):
     return x_BTD if self.constrain is None else self.constrain(x_BTD, ("batch", "length", "embed"))
@@ -152,11 +200,7 @@ class Transformer(nnx.Module):
       x_BTD = self._constrain(x_BTD)
       x_BTD = block(x_BTD, positions_BT, valid_BT, deterministic=deterministic, rngs=rngs)
     x_BTD = self.final_norm(self._constrain(x_BTD))
-    if cfg.task == "classify":
-      keep_BT1 = valid_BT[..., None].astype(jnp.float32)
-      x_BD = jnp.sum(x_BTD.astype(jnp.float32) * keep_BT1, axis=1) / jnp.maximum(
-        jnp.sum(keep_BT1, axis=1), 1.0
-      )
-      x_BD = x_BD.astype(x_BTD.dtype)
-      return self.head(x_BD).astype(jnp.float32)
+    if self.pool is not None:
+      x_BF, _ = self.pool(x_BTD, valid_BT)
+      return self.head(x_BF).astype(jnp.float32)
     return self.head(x_BTD).astype(jnp.float32)

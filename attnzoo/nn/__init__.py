@@ -11,6 +11,7 @@ from attnzoo.nn.attention_layer import (
   run_with_aux,
 )
 from attnzoo.nn.layers import ACTIVATIONS, MLP, NORMS, norm
+from attnzoo.nn.moe import MoEFFN
 from attnzoo.nn.positions import alibi_bias, alibi_slopes, rope
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
   "AttentionAux",
   "AuxTotals",
   "FamilyState",
+  "MoEFFN",
   "alibi_bias",
   "alibi_slopes",
   "apply_state_updates",

@@ -141,9 +141,10 @@ class Attention(nnx.Module):
     self.out = nnx.LinearGeneral(
       (dims.N, dims.V), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
     )
-    create = lambda specs, kind: nnx.Dict(
-      {name: kind(spec.create(rngs.params(), dims)) for name, spec in specs.items()}
-    )
+    def create(specs, kind):  # arrays whose shape is None are switched off by the knobs
+      arrays = {name: spec.create(rngs.params(), dims) for name, spec in specs.items()}
+      return nnx.Dict({name: kind(a) for name, a in arrays.items() if a is not None})
+
     self.projection_params = create(projection.params if projection else {}, nnx.Param)
     self.family_params = create(self.family.params, nnx.Param)
     self.family_state = create(self.family.state, FamilyState)
@@ -197,7 +198,7 @@ class Attention(nnx.Module):
     out_BTNV = self.family.attention(q_BTNH, k_BTKH, v_BTKH, **kwargs)
     if self.family.returns_aux:
       out_BTNV, aux = out_BTNV
-      self.sow(AttentionAux, "attention_aux", self._aux_record(aux))
+      sow_aux(self, "attention_aux", self._aux_record(aux))
     for name in self.hooks:
       hook = hooks_lib.HOOKS[name]
       if hook.stage == "output":
@@ -228,9 +229,19 @@ class Attention(nnx.Module):
     return dict(loss=loss, metrics=metrics, state=aux.state)
 
 
+def sow_aux(module: nnx.Module, name: str, record: dict[str, Any]) -> None:
+  """Records `record` for `run_with_aux` when the call runs under it (`nnx.capture`); outside
+  it (a plain `model(x)`) the record is dropped, so the model's structure never changes.
+  (Flax's `sow` outside `nnx.capture` would add a variable to the module — deprecated; a module
+  being captured carries flax's `__captures__` attribute, the one flax detail read here.)"""
+  if hasattr(module, "__captures__"):
+    module.sow(AttentionAux, name, record)
+
+
 def _values(d: nnx.Dict, names) -> dict[str, jax.Array]:
-  # By declared name: `nnx.capture` adds bookkeeping entries to every submodule it visits.
-  return {k: d[k][...] for k in names}
+  # By declared name: `nnx.capture` adds bookkeeping entries to every submodule it visits;
+  # arrays switched off by the knobs (shape None) were never created and are not passed.
+  return {k: d[k][...] for k in names if k in d}
 
 
 @jax.tree_util.register_dataclass

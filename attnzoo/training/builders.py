@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 from attnzoo import data as data_lib
+from attnzoo import nn
 from attnzoo.attention import knobs as knobs_lib
 from attnzoo.models import ModelConfig
 from attnzoo.models.config import RENAMED
@@ -45,7 +46,7 @@ def model_config(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Mod
       + "; ".join(f"{old} is now {RENAMED[old]}" for old in renamed)
     )
   attention = knobs_lib.parse_pattern(m.attention)
-  declared = knobs_lib.aux_weights(attention)
+  declared = {**knobs_lib.aux_weights(attention), **nn.moe.AUX_LOSSES}
   weights = _pairs(m.get("aux_weights", {}))
   unknown = sorted(k for k, _ in weights if k not in declared)
   if unknown:
@@ -65,6 +66,9 @@ def model_config(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Mod
     head_dim=m.head_dim,
     mlp_dim=m.mlp_dim,
     mlp=m.mlp,
+    num_experts=int(m.get("num_experts", 0)),
+    moe_top_k=int(m.get("moe_top_k", 1)),
+    block=m.get("block", "sequential"),
     activation=m.activation,
     norm=m.norm,
     attention=attention,
@@ -79,6 +83,8 @@ def model_config(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> Mod
     pad_id=-1 if ds.pad_id is None else int(ds.pad_id),
     dropout=float(m.dropout),
     dtype=m.dtype,
+    pool=m.get("pool", "mean"),
+    pool_knobs=_pairs(m.get("pool_knobs", {})),
   )
 
 

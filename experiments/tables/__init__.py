@@ -8,14 +8,33 @@ is clearer, `<NAME>.png`. `size` is "quick" (the default command, minutes on a 2
 
 from __future__ import annotations
 
-from experiments.tables import decode_cost, gna_sim, head_params, speed_memory
-from experiments.tables import moh_ablation
+from experiments.tables import (
+  bam_params,
+  decode_cost,
+  gna_sim,
+  head_accounting,
+  head_params,
+  moh_ablation,
+  pool_params,
+  speed_memory,
+)
 
 TABLES = {
   decode_cost.NAME: decode_cost,
   gna_sim.NAME: gna_sim,
   head_params.NAME: head_params,
+  head_accounting.NAME: head_accounting,
+  bam_params.NAME: bam_params,
+  pool_params.NAME: pool_params,
   speed_memory.NAME: speed_memory,
   moh_ablation.NAME: moh_ablation,  # learned, ~30 min: not in QUICK
 }
-QUICK = (decode_cost.NAME, gna_sim.NAME, head_params.NAME, speed_memory.NAME)
+QUICK = (
+  decode_cost.NAME,
+  gna_sim.NAME,
+  head_params.NAME,
+  head_accounting.NAME,
+  speed_memory.NAME,
+  pool_params.NAME,
+  bam_params.NAME,
+)

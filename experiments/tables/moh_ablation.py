@@ -3,9 +3,10 @@
 The paper (MoH-ViT-S, ImageNet-1K top-1): no shared heads / no two-stage routing 75.6,
 + shared heads 78.3, + two-stage routing 78.6. Our analogue: a small ViT on sklearn's 8x8
 digits (2x2 patches → a 4x4 token grid, 4 layers, D = 64, 8 heads), every row with the same
-75 % active heads and the same budget, ≥ 3 seeds per row (paired: seed s uses the same data
-order and the same initial non-router weights in every row), test accuracy mean ± std.
-Plain MHA (the `softmax` family) is trained beside them as a reference row.
+75 % active heads and the same budget, ≥ 3 seeds per row, test accuracy mean ± std. Paired:
+seed s gives every row the same data order, and the three MoH rows the same initial weights
+(they declare the same arrays), so the per-seed differences between consecutive rows are
+reported too. Plain MHA (the `softmax` family) is trained beside them as a reference row.
 
 Rows (knobs of the `moh` family; the code's gate convention):
 - no shared, no two-stage: num_shared = 0, top_k = 6 (6 of 8 heads routed per token);
@@ -97,12 +98,19 @@ def run(results_dir: str, size: str, log=print) -> str:
   }
   ablation = [stats[row]["mean"] for row in PAPER]
   holds = ablation[0] < ablation[1] < ablation[2]
+  names = list(PAPER)
+  paired = {}
+  for lo, hi in zip(names, names[1:], strict=False):
+    d = [b - a for a, b in zip(accs[lo], accs[hi], strict=True)]
+    paired[f"{hi} − {lo}"] = dict(
+      mean=statistics.mean(d), std=statistics.stdev(d) if len(d) > 1 else 0.0, seeds=d
+    )
   rows = []
   for row, s in stats.items():
     per_seed = ", ".join(f"{a:.1f}" for a in s["seeds"])
     rows.append([row, PAPER.get(row, "—"), f"{s['mean']:.2f} ± {s['std']:.2f}", per_seed])
   mark = common.CHECK if holds else common.CROSS
-  means = " < ".join(f"{m:.2f}" for m in ablation)
+  means = " / ".join(f"{m:.2f}" for m in ablation)
   text = "\n".join(
     [
       f"# {TITLE}",
@@ -115,8 +123,25 @@ def run(results_dir: str, size: str, log=print) -> str:
       "",
       f"Ordering no-shared < +shared < +two-stage: {mark} (ours {means}; paper 75.6 < 78.3 < "
       f"78.6). {steps} steps per run, seeds {list(SEEDS)}.",
+      "",
+      "Paired differences (same seed), percentage points:",
+      "",
+      common.markdown_table(
+        ["step", "paper", "ours Δ (mean ± std)", "per seed"],
+        [
+          [
+            name,
+            f"{PAPER[name.split(' − ')[0]] - PAPER[name.split(' − ')[1]]:+.1f}",
+            f"{p['mean']:+.2f} ± {p['std']:.2f}",
+            ", ".join(f"{x:+.2f}" for x in p["seeds"]),
+          ]
+          for name, p in paired.items()
+        ],
+      ),
     ]
   )
   common.write_markdown(results_dir, NAME, text)
-  common.write_json(results_dir, NAME, dict(steps=steps, stats=stats, ordering_holds=holds))
+  common.write_json(
+    results_dir, NAME, dict(steps=steps, stats=stats, paired=paired, ordering_holds=holds)
+  )
   return f"ordering {mark} ({means}), MHA {stats['MHA (reference)']['mean']:.2f}"

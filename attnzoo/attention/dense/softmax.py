@@ -9,6 +9,16 @@ Shapes: q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; N % K == 0 is
 grouped-query attention (query head n reads kv head n // (N // K)), computed
 without materialising repeated kv heads.
 
+Different key and value head counts (Sigma's DiffQKV, Lin et al., arXiv 2501.13629,
+Eq. 3): k [B,S,Kk,H], v [B,S,Kv,Hv], Kk and Kv each dividing N; query head i reads
+key head floor(i·Kk/N) and value head floor(i·Kv/N). Before dispatch both are
+repeated along the head axis to L = lcm(Kk, Kv) heads (L divides N), which is exact:
+repeated head j of k is floor(j·Kk/L), and floor(floor(i·L/N)·Kk/L) = floor(i·Kk/N)
+since L/Kk is an integer. Every implementation then runs unchanged (GQA with L kv
+heads). Cost: the repeated copies are materialised, [B,S,L,H] + [B,S,L,Hv] instead
+of [B,S,Kk,H] + [B,S,Kv,Hv] (e.g. Sigma-1.5B's 4 K / 16 V heads: K is stored 4x);
+a kernel that indexes both head maps without the copies is left for later.
+
 Masks compose by AND: a structured `attnzoo.masks.Mask` or a boolean array
 broadcastable to [B,N,T,S] (`mask=`), `is_causal` (top-left aligned, as
 `jax.nn.dot_product_attention`), and packed-sequence `segment_ids` (keep equal ids).
@@ -46,7 +56,7 @@ _CHUNKED_TILE = 512
 def dot_product_attention(
   q: Float[Array, "B T N H"],
   k: Float[Array, "B S K H"],
-  v: Float[Array, "B S K V"],
+  v: Float[Array, "B S Kv V"],
   *,
   mask: Mask | jax.Array | None = None,
   bias: Float[Array, "..."] | None = None,
@@ -61,7 +71,8 @@ def dot_product_attention(
   """Softmax attention; see the module docstring for the equation and conventions.
 
   Args:
-    q, k, v: queries [B,T,N,H], keys [B,S,K,H], values [B,S,K,Hv].
+    q, k, v: queries [B,T,N,H], keys [B,S,K,H], values [B,S,Kv,Hv] (K and Kv divide N;
+      Kv != K is Sigma's separate head maps, see the module docstring).
     mask: a `Mask` (structured; enables block skipping) or a bool array
       broadcastable to [B,N,T,S]; True = keep.
     bias: additive logits bias broadcastable to [B,N,T,S] (differentiable).
@@ -74,7 +85,8 @@ def dot_product_attention(
     interpret: run the Pallas kernel in the interpreter; None = exactly when the platform has no
       Pallas backend (CPU), logged by pallas_kernels; False on CPU raises.
   """
-  B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v)
+  B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v, separate_kv_heads=True)
+  k, v = repeat_to_common_heads(k, v)
   if scale is None:
     scale = 1.0 / math.sqrt(H)
   if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -110,6 +122,21 @@ def dot_product_attention(
     block_sizes=block_sizes,
     interpret=interpret,
   )
+
+
+def repeat_to_common_heads(
+  k: Float[Array, "B S K H"], v: Float[Array, "B S Kv V"]
+) -> tuple[Float[Array, "B S L H"], Float[Array, "B S L V"]]:
+  """k and v with their heads repeated to L = lcm(K, Kv) each (a no-op when K == Kv).
+
+  Exact for Eq. 3's maps (see the module docstring); callers have checked that K and Kv
+  divide N, so L does too.
+  """
+  K, Kv = k.shape[2], v.shape[2]
+  if K == Kv:
+    return k, v
+  L = math.lcm(K, Kv)
+  return jnp.repeat(k, L // K, axis=2), jnp.repeat(v, L // Kv, axis=2)
 
 
 def _split_mask(mask, shape_bnts):
