@@ -141,6 +141,7 @@ class Attention(nnx.Module):
     self.out = nnx.LinearGeneral(
       (dims.N, dims.V), dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
     )
+
     def create(specs, kind):  # arrays whose shape is None are switched off by the knobs
       arrays = {name: spec.create(rngs.params(), dims) for name, spec in specs.items()}
       return nnx.Dict({name: kind(a) for name, a in arrays.items() if a is not None})
