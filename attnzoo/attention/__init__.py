@@ -11,6 +11,7 @@ from attnzoo.attention.dense.softmax import dot_product_attention
 from attnzoo.attention.heads import affine_scaled, bam, diffqkv, mfa, moh, rcmha, shrp, sqa
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
+from attnzoo.attention.sparse import sparse
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,
@@ -24,6 +25,7 @@ FAMILIES: dict[str, Family] = {
   "shrp": shrp.FAMILY,
   "sqa": sqa.FAMILY,
   "diffqkv": diffqkv.FAMILY,
+  "sparse": sparse.FAMILY,
 }
 
 

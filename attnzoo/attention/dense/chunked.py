@@ -45,7 +45,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Everything about a call that is Python-static (shapes, tables, callables)."""
+  """Everything about a call that is Python-static (shapes, callables)."""
 
   seq_q: int
   seq_k: int
@@ -55,37 +55,120 @@ class _Static:
   scale: float
   soft_cap: float | None
   structured: Mask | None
-  block_map: BlockMap
 
 
 def chunked_attention(
-  q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, block_q, block_k
+  q,
+  k,
+  v,
+  *,
+  structured,
+  dense_mask,
+  bias,
+  segment_ids,
+  scale,
+  soft_cap,
+  block_q,
+  block_k,
+  block_map: BlockMap | None = None,
 ):
   """q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; inputs already validated.
 
   dense_mask: bool [Bm,Nm,T,S] or None; bias: float [Bb,Nb,T,S] or None (both with
   broadcastable leading axes); segment_ids: (q_ids [B,T], kv_ids [B,S]) or None.
+  block_map: the tiles to visit, possibly traced (chosen from the data) and per batch element
+  and query head ([Bm, Nm] groups, 1 or B / N); its tile sizes are block_q, block_k and its
+  PARTIAL flags say where `structured`'s predicate runs. None: the mask's own static map.
   """
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
-  if structured is None:
-    kb = num_blocks(S, block_k)
-    full = np.full((num_blocks(T, block_q), kb), 2, np.int32)
-    block_map = BlockMap.from_block_mask(full, block_q=block_q, block_k=block_k, seq_q=T, seq_k=S)
-  else:
-    block_map = structured.block_map(T, S, block_q, block_k)
-  st = _Static(T, S, block_q, block_k, N // K, float(scale), soft_cap, structured, block_map)
-  extras = _Extras(dense_mask=dense_mask, segment_ids=segment_ids)
-  return _attention(st, q, k, v, bias, extras)
+  if block_map is None:
+    if structured is None:
+      kb = num_blocks(S, block_k)
+      full = np.full((num_blocks(T, block_q), kb), 2, np.int32)
+      block_map = BlockMap.from_block_mask(full, block_q=block_q, block_k=block_k, seq_q=T, seq_k=S)
+    else:
+      block_map = structured.block_map(T, S, block_q, block_k)
+  Bm, Nm = block_map.kv_counts.shape[:2]
+  if Bm == 1 and Nm == 1:  # one map for every (batch, head): all heads walk it together
+    st = _Static(T, S, block_q, block_k, N // K, float(scale), soft_cap, structured)
+    extras = _Extras(dense_mask, segment_ids, _Tables.of(block_map, 0, 0))
+    return _attention(st, q, k, v, bias, extras)
+  return _per_head_maps(
+    q, k, v, bias, dense_mask, segment_ids, block_map, structured, scale, soft_cap
+  )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+  """One map's tile tables (`BlockMap` fields of one group), traced or constant."""
+
+  kv_idx: jax.Array  # [Qb, Mk]
+  kv_cnt: jax.Array  # [Qb]
+  kv_part: jax.Array  # [Qb, Mk]
+  q_idx: jax.Array  # [Kb, Mq]
+  q_cnt: jax.Array  # [Kb]
+  q_part: jax.Array  # [Kb, Mq]
+
+  @classmethod
+  def of(cls, bm: BlockMap, b: int, n: int) -> _Tables:
+    fields = (bm.kv_indices, bm.kv_counts, bm.kv_partial, bm.q_indices, bm.q_counts, bm.q_partial)
+    return cls(*(jnp.asarray(a[b, n]) for a in fields))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Extras:
-  """Non-differentiable per-element inputs (mask array, segment ids)."""
+  """Non-differentiable inputs: mask array, segment ids, the tile tables."""
 
   dense_mask: jax.Array | None
   segment_ids: tuple[jax.Array, jax.Array] | None
+  tables: _Tables
+
+
+def _per_head_maps(q, k, v, bias, dense_mask, segment_ids, bm, structured, scale, soft_cap):
+  """One map per (batch element, query head): the single-head flash attention vmapped over b
+  and n, each instance walking its own tiles (a while loop per instance under vmap runs to the
+  longest row count; maps of static width keep that equal). K/V heads are repeated to the
+  query heads for the call."""
+  B, T, N, _ = q.shape
+  S, K = k.shape[1], k.shape[2]
+  bm = bm.broadcast_to_groups(B, N)
+  st = _Static(T, S, bm.block_q, bm.block_k, 1, float(scale), soft_cap, structured)
+
+  def groups(x):
+    """x [X0, X1, ...] (X0 in {1, B}, X1 in {1, N}) -> (x with unit group axes dropped,
+    outer (batch) vmap axis, inner (head) vmap axis)."""
+    if x is None:
+      return None, None, None
+    by_b, by_n = x.shape[0] == B, x.shape[1] == N
+    x = x if by_n else x[:, 0]
+    x = x if by_b else x[0]
+    return x, (0 if by_b else None), (0 if by_n else None)
+
+  fields = (bm.kv_indices, bm.kv_counts, bm.kv_partial, bm.q_indices, bm.q_counts, bm.q_partial)
+  parts = [groups(jnp.asarray(a)) for a in fields]
+  tables = _Tables(*(p[0] for p in parts))
+  tab_b, tab_n = parts[0][1], parts[0][2]  # every table shares the map's groups
+  bias, bias_b, bias_n = groups(bias)
+  mask, mask_b, mask_n = groups(dense_mask)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, N, X] -> [B, N, L, X]
+  q_bn = heads_first(q)
+  k_bn, v_bn = (heads_first(jnp.repeat(x, N // K, axis=2)) for x in (k, v))
+
+  def one(q1, k1, v1, bias1, mask1, seg1, tab1):
+    # q1 [T,H], k1 [S,H], v1 [S,Hv]; bias1 / mask1 [T,S] or None; seg1 ([T], [S]) or None.
+    grid = lambda x: None if x is None else x[None, None]
+    rows = lambda x: x[None, :, None]
+    seg = None if seg1 is None else (seg1[0][None], seg1[1][None])
+    out = _attention(st, rows(q1), rows(k1), rows(v1), grid(bias1), _Extras(grid(mask1), seg, tab1))
+    return out[0, :, 0]
+
+  per_n = jax.vmap(one, in_axes=(0, 0, 0, bias_n, mask_n, None, tab_n))
+  seg_b = None if segment_ids is None else 0
+  per_bn = jax.vmap(per_n, in_axes=(0, 0, 0, bias_b, mask_b, seg_b, tab_b))
+  return heads_first(per_bn(q_bn, k_bn, v_bn, bias, mask, segment_ids, tables))
 
 
 # ------------------------------------------------------------------ layout helpers
@@ -211,10 +294,8 @@ def _forward(st: _Static, q, k, v, bias, extras):
   tiles = _Tiles(st, q, k, v, bias, extras)
   B, K, G, _, _ = tiles.q.shape
   Hv = v.shape[-1]
-  bm = st.block_map
-  kv_idx, kv_cnt, kv_part = (
-    jnp.asarray(a[0, 0]) for a in (bm.kv_indices, bm.kv_counts, bm.kv_partial)
-  )
+  tab = extras.tables
+  kv_idx, kv_cnt, kv_part = tab.kv_idx, tab.kv_cnt, tab.kv_part
 
   def q_block(i):
     q_t = tiles.q_tile(tiles.q, i)
@@ -252,7 +333,7 @@ def _attention_bwd(st, res, d_out):
   tiles = _Tiles(st, q, k, v, bias, extras)
   B, K, G, _, H = tiles.q.shape
   Hv = v.shape[-1]
-  bm = st.block_map
+  tab = extras.tables
   do = to_head_major(_pad_to(d_out, 1, tiles.tq), K).astype(jnp.float32)
   o = to_head_major(_pad_to(out, 1, tiles.tq), K).astype(jnp.float32)
   delta = jnp.sum(do * o, axis=-1, keepdims=True)  # rowsum(dO * O), FlashAttention-2 "D"
@@ -274,7 +355,7 @@ def _attention_bwd(st, res, d_out):
   # carry, while its dQ (and d bias) contributions are added into O(T·H) buffers in place.
   # Recomputing the tiles once instead of in separate dQ and dK/dV passes saves two of
   # seven tile matmuls.
-  q_idx, q_cnt, q_part = (jnp.asarray(a[0, 0]) for a in (bm.q_indices, bm.q_counts, bm.q_partial))
+  q_idx, q_cnt, q_part = tab.q_idx, tab.q_cnt, tab.q_part
 
   def kv_block(carry, j):
     k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)

@@ -23,6 +23,15 @@ Masks compose by AND: a structured `attnzoo.masks.Mask` or a boolean array
 broadcastable to [B,N,T,S] (`mask=`), `is_causal` (top-left aligned, as
 `jax.nn.dot_product_attention`), and packed-sequence `segment_ids` (keep equal ids).
 
+Runtime tile selection (`block_map=`): a `BlockMap` chosen from the data (e.g.
+`attnzoo.attention.sparse.block_select.topk_block_map`), possibly traced, one map per
+batch element and query head or shared, restricts attention to the tiles it lists:
+keep = mask ∧ (the key's tile is selected for the query's tile). Its tile sizes are the
+call's. The map is first re-classified against the static mask (`restrict_block_map`:
+tiles the mask empties are dropped, PARTIAL where the mask's predicate must run), so a
+map built without the mask cannot break it. "xla" applies it as a dense mask; "chunked"
+and "pallas" walk only the listed tiles, forward and backward.
+
 Implementations (one semantics): "xla" — the readable reference below; "chunked"
 — flash-style tiles in jnp with O(T·H) memory and block skipping
 (`chunked.py`); "pallas" — the block-sparse Pallas kernel
@@ -46,7 +55,7 @@ from jaxtyping import Array, Float
 from attnzoo.attention import _validate, registry
 from attnzoo.attention.dense.chunked import MASK_VALUE, chunked_attention
 from attnzoo.masks import And, Causal, Mask, Segments
-from pallas_kernels.block_sparse import FULL, BlockMap, BlockSizes, num_blocks
+from pallas_kernels.block_sparse import EMPTY, FULL, BlockMap, BlockSizes, num_blocks
 
 # Largest default tile of the chunked path; 512 x 512 was the fastest tile on these CPUs
 # (shared/notes/peers-on-cpu.md).
@@ -67,6 +76,7 @@ def dot_product_attention(
   implementation: str | None = None,
   block_sizes: BlockSizes | None = None,
   interpret: bool | None = None,
+  block_map: BlockMap | None = None,
 ) -> Float[Array, "B T N V"]:
   """Softmax attention; see the module docstring for the equation and conventions.
 
@@ -84,6 +94,9 @@ def dot_product_attention(
     block_sizes: tile sizes of the chunked and pallas paths.
     interpret: run the Pallas kernel in the interpreter; None = exactly when the platform has no
       Pallas backend (CPU), logged by pallas_kernels; False on CPU raises.
+    block_map: runtime tile selection (module docstring), groups [Bm, Nm] with Bm in {1, B}
+      and Nm in {1, N}; its tile sizes set the chunked/pallas tiles (`block_sizes`, if given,
+      must have the same block_q, block_k).
   """
   B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v, separate_kv_heads=True)
   k, v = repeat_to_common_heads(k, v)
@@ -101,6 +114,22 @@ def dot_product_attention(
     raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
 
   name = registry.resolve_implementation(implementation, _IMPLEMENTATIONS, family="softmax")
+  if block_map is not None:
+    block_map = restrict_block_map(block_map, structured, B=B, N=N, T=T, S=S)
+    tiles = (block_map.block_q, block_map.block_k)
+    if block_sizes is not None and (block_sizes.block_q, block_sizes.block_k) != tiles:
+      raise ValueError(
+        f"block_sizes has tiles ({block_sizes.block_q}, {block_sizes.block_k}) but block_map "
+        f"was built for {tiles}; pass block_sizes=None or build the map with the same tiles"
+      )
+    block_sizes = block_sizes or BlockSizes(*tiles)
+    if name == "ring":
+      raise NotImplementedError(
+        "implementation='ring' does not take a block_map; use 'chunked' or 'pallas'"
+      )
+    if name == "xla":  # the reference: the selection as a dense mask
+      selected = selected_elements(block_map)
+      dense = selected if dense is None else dense & selected
   if name == "pallas" and (bias is not None or dense is not None):
     if implementation == "pallas":
       raise NotImplementedError(
@@ -121,7 +150,51 @@ def dot_product_attention(
     soft_cap=logits_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    block_map=block_map,
   )
+
+
+def restrict_block_map(
+  block_map: BlockMap, structured: Mask | None, *, B: int, N: int, T: int, S: int
+) -> BlockMap:
+  """`block_map`'s selected tiles, re-classified by the static mask: EMPTY where the mask keeps
+  nothing, else the mask's PARTIAL/FULL (so the predicate runs wherever it must). Same table
+  widths; traced when the map is."""
+  if not isinstance(block_map, BlockMap):
+    raise TypeError(
+      f"block_map must be a pallas_kernels.block_sparse.BlockMap, got {type(block_map).__name__}"
+    )
+  if (block_map.seq_q, block_map.seq_k) != (T, S):
+    raise ValueError(
+      f"block_map was built for T={block_map.seq_q}, S={block_map.seq_k}, but q has T={T} "
+      f"and k has S={S}; build it from these q and k"
+    )
+  block_map.broadcast_to_groups(B, N)
+  bq, bk = block_map.block_q, block_map.block_k
+  if structured is None:
+    allowed = np.full((num_blocks(T, bq), num_blocks(S, bk)), FULL, np.int32)
+  else:
+    allowed = structured.block_mask(T, S, bq, bk)
+  selected = block_map.to_block_mask() != EMPTY
+  xp = np if isinstance(selected, np.ndarray) else jnp
+  classified = xp.where(selected, allowed[None, None], EMPTY).astype(np.int32)
+  return BlockMap.from_block_mask(
+    classified,
+    block_q=bq,
+    block_k=bk,
+    seq_q=T,
+    seq_k=S,
+    max_kv_blocks=block_map.max_kv_blocks,
+    max_q_blocks=block_map.max_q_blocks,
+  )
+
+
+def selected_elements(block_map: BlockMap) -> jax.Array:
+  """bool [Bm, Nm, T, S]: True where the key's tile is listed for the query's tile."""
+  selected = block_map.to_block_mask() != EMPTY
+  xp = np if isinstance(selected, np.ndarray) else jnp
+  dense = xp.repeat(xp.repeat(selected, block_map.block_q, axis=-2), block_map.block_k, axis=-1)
+  return jnp.asarray(dense[..., : block_map.seq_q, : block_map.seq_k])
 
 
 def repeat_to_common_heads(
@@ -204,7 +277,7 @@ def _default_tile(length: int) -> int:
   return min(_CHUNKED_TILE, -(-length // 8) * 8)
 
 
-def _chunked(q, k, v, *, block_sizes, **kw):
+def _chunked(q, k, v, *, block_sizes, **kw):  # block_map (if any) travels in kw
   kw.pop("interpret")
   if block_sizes is None:
     bq, bk = _default_tile(q.shape[1]), _default_tile(k.shape[1])
@@ -213,7 +286,9 @@ def _chunked(q, k, v, *, block_sizes, **kw):
   return chunked_attention(q, k, v, block_q=bq, block_k=bk, **kw)
 
 
-def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, interpret, **_):
+def _pallas(
+  q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, interpret, block_map, **_
+):
   """The block-sparse kernel; table masks pass `mask.tables()` as kernel inputs.
 
   A `Segments` mask (alone or AND-ed with others) becomes the kernel's native segment ids
@@ -228,6 +303,7 @@ def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, i
   tiles = block_sizes or BlockSizes()
   T, S = q.shape[1], k.shape[1]
   bq, bk = tiles.block_q, tiles.block_k
+  runtime_map = block_map
   if structured is None:
     full = np.full((num_blocks(T, bq), num_blocks(S, bk)), FULL, np.int32)
     block_map = BlockMap.from_block_mask(full, block_q=bq, block_k=bk, seq_q=T, seq_k=S)
@@ -244,6 +320,8 @@ def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, i
       mask = (rest[0] if len(rest) == 1 else And(rest)) if rest else None
     # Equal for equal masks (a rebuilt `mask & Causal()` too): eager calls reuse the kernels.
     mask_fn, tables = (MaskPredicate(mask), mask.tables()) if mask is not None else (None, ())
+  if runtime_map is not None:
+    block_map = runtime_map  # already classified by the mask (restrict_block_map)
   try:
     return block_sparse_attention(
       q,
@@ -272,6 +350,7 @@ def _pallas(q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, i
     soft_cap=soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    block_map=runtime_map,
   )
 
 
