@@ -60,7 +60,8 @@ def block_sparse_attention(
   block_sizes: BlockSizes | None = None,
   interpret: bool | None = None,
   backend: str | None = None,
-) -> Float[Array, "B T N Hv"]:
+  return_lse: bool = False,
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
   """Flash attention over the tiles of `block_map` (see the module docstring for the math).
 
   Args:
@@ -89,9 +90,11 @@ def block_sparse_attention(
       call site); False there raises unless `backend` is given (lowering-only use).
     backend: "gpu" (Triton lowering) or "tpu" (Mosaic lowering); default from
       `jax.default_backend()`, and "gpu" on CPU.
+    return_lse: also return the per-row log-sum-exp of the kept logits (the kernel's own
+      statistic), [B, T, N] fp32, -inf for rows with no kept key; differentiable.
 
   Returns:
-    [B, T, N, Hv] in q.dtype (fp32 accumulation inside).
+    [B, T, N, Hv] in q.dtype (fp32 accumulation inside); with `return_lse`, (out, lse).
   """
   B, T, N, H = _check_inputs(q, k, v)
   S = k.shape[1]
@@ -125,9 +128,10 @@ def block_sparse_attention(
   q_tables = (block_map.q_indices, block_map.q_counts, block_map.q_partial)
   # Host-side (concrete-map) preparation happens here, outside the jitted call.
   mask_inputs = table_masks.kernel_inputs(backend, mask_tables, block_map) if mask_tables else ()
-  return _padded_attention(
+  out, lse = _padded_attention(
     q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg=cfg, backend=backend
   )
+  return (out, lse) if return_lse else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +162,7 @@ def _padded_attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, *, cf
   kv_tables, q_tables = (
     tuple(jnp.asarray(a, jnp.int32) for a in tables) for tables in (kv_tables, q_tables)
   )
-  out = _attention(
+  out, lse = _attention(
     pad(q, T, Tp),
     pad(k, S, Sp),
     pad(v, S, Sp),
@@ -169,27 +173,39 @@ def _padded_attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, *, cf
     cfg,
     backend,
   )
-  return out[:, :T]
+  return out[:, :T], lse[:, :T]
 
 
 # ------------------------------------------------------------------ custom VJP
 
 
+def _public_lse(lse_bnt):
+  """Kernel lse [B, N, Tp] (+inf for rows with no kept key) -> [B, Tp, N] fp32 (-inf there)."""
+  lse = jnp.swapaxes(lse_bnt.astype(jnp.float32), 1, 2)
+  return jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attention(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
-  out, _ = _KERNELS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
-  return out
+  """(out [B, Tp, N, Hv], lse [B, Tp, N] fp32), both differentiable."""
+  out, lse = _KERNELS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
+  return out, _public_lse(lse)
 
 
 def _attention_fwd(q, k, v, kv_tables, q_tables, segments, mask_inputs, cfg, backend):
   out, lse = _KERNELS[backend].forward(q, k, v, kv_tables, segments, mask_inputs, cfg)
-  return out, (q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs)
+  residuals = (q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs)
+  return (out, _public_lse(lse)), residuals
 
 
-def _attention_bwd(cfg, backend, residuals, d_out):
+def _attention_bwd(cfg, backend, residuals, cotangents):
+  d_out, d_lse = cotangents
   q, k, v, out, lse, kv_tables, q_tables, segments, mask_inputs = residuals
-  # D = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4), [B, N, Tp] like lse.
+  # D = rowsum(dO * O) (FlashAttention-2, Algorithm 2 line 4), [B, N, Tp] like lse. An lse
+  # cotangent g enters dS = P ⊙ (dP − D) as D − g (d lse_i / d s_ij = P_ij).
   delta = jnp.einsum("btnv,btnv->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  g = jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2)
+  delta = delta - jnp.where(jnp.isinf(lse), 0.0, g)
   dq, dk, dv = _KERNELS[backend].backward(
     q, k, v, d_out, lse, delta, kv_tables, q_tables, segments, mask_inputs, cfg
   )

@@ -71,8 +71,11 @@ def chunked_attention(
   block_q,
   block_k,
   block_map: BlockMap | None = None,
+  return_lse: bool = False,
 ):
   """q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; inputs already validated.
+  With `return_lse`: (out, lse [B,T,N] fp32, -inf for rows with no kept key), both
+  differentiable.
 
   dense_mask: bool [Bm,Nm,T,S] or None; bias: float [Bb,Nb,T,S] or None (both with
   broadcastable leading axes); segment_ids: (q_ids [B,T], kv_ids [B,S]) or None.
@@ -93,10 +96,12 @@ def chunked_attention(
   if Bm == 1 and Nm == 1:  # one map for every (batch, head): all heads walk it together
     st = _Static(T, S, block_q, block_k, N // K, float(scale), soft_cap, structured)
     extras = _Extras(dense_mask, segment_ids, _Tables.of(block_map, 0, 0))
-    return _attention(st, q, k, v, bias, extras)
-  return _per_head_maps(
-    q, k, v, bias, dense_mask, segment_ids, block_map, structured, scale, soft_cap
-  )
+    out, lse = _attention(st, q, k, v, bias, extras)
+  else:
+    out, lse = _per_head_maps(
+      q, k, v, bias, dense_mask, segment_ids, block_map, structured, scale, soft_cap
+    )
+  return (out, lse) if return_lse else out
 
 
 @jax.tree_util.register_dataclass
@@ -162,13 +167,15 @@ def _per_head_maps(q, k, v, bias, dense_mask, segment_ids, bm, structured, scale
     grid = lambda x: None if x is None else x[None, None]
     rows = lambda x: x[None, :, None]
     seg = None if seg1 is None else (seg1[0][None], seg1[1][None])
-    out = _attention(st, rows(q1), rows(k1), rows(v1), grid(bias1), _Extras(grid(mask1), seg, tab1))
-    return out[0, :, 0]
+    extras1 = _Extras(grid(mask1), seg, tab1)
+    out, lse = _attention(st, rows(q1), rows(k1), rows(v1), grid(bias1), extras1)
+    return out[0, :, 0], lse[0, :, 0]
 
   per_n = jax.vmap(one, in_axes=(0, 0, 0, bias_n, mask_n, None, tab_n))
   seg_b = None if segment_ids is None else 0
   per_bn = jax.vmap(per_n, in_axes=(0, 0, 0, bias_b, mask_b, seg_b, tab_b))
-  return heads_first(per_bn(q_bn, k_bn, v_bn, bias, mask, segment_ids, tables))
+  out, lse = per_bn(q_bn, k_bn, v_bn, bias, mask, segment_ids, tables)  # [B,N,T,Hv], [B,N,T]
+  return heads_first(out), jnp.swapaxes(lse, 1, 2)
 
 
 # ------------------------------------------------------------------ layout helpers
@@ -318,17 +325,26 @@ def _forward(st: _Static, q, k, v, bias, extras):
 # ------------------------------------------------------------------ custom_vjp
 
 
+def _public_lse(st: _Static, lse_hm):
+  """Internal [B,K,G,tq,1] (+inf for rows with no kept key) -> [B,T,N] fp32 (-inf there)."""
+  lse = from_head_major(lse_hm)[:, : st.seq_q, :, 0]
+  return jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st, q, k, v, bias, extras):
-  return _forward(st, q, k, v, bias, extras)[0]
+  """(out [B,T,N,Hv], lse [B,T,N] fp32); both differentiable."""
+  out, lse = _forward(st, q, k, v, bias, extras)
+  return out, _public_lse(st, lse)
 
 
 def _attention_fwd(st, q, k, v, bias, extras):
   out, lse = _forward(st, q, k, v, bias, extras)
-  return out, (q, k, v, bias, extras, out, lse)
+  return (out, _public_lse(st, lse)), (q, k, v, bias, extras, out, lse)
 
 
-def _attention_bwd(st, res, d_out):
+def _attention_bwd(st, res, cotangents):
+  d_out, d_lse = cotangents
   q, k, v, bias, extras, out, lse = res
   tiles = _Tiles(st, q, k, v, bias, extras)
   B, K, G, _, H = tiles.q.shape
@@ -337,6 +353,9 @@ def _attention_bwd(st, res, d_out):
   do = to_head_major(_pad_to(d_out, 1, tiles.tq), K).astype(jnp.float32)
   o = to_head_major(_pad_to(out, 1, tiles.tq), K).astype(jnp.float32)
   delta = jnp.sum(do * o, axis=-1, keepdims=True)  # rowsum(dO * O), FlashAttention-2 "D"
+  # d lse_i / d s_ij = P_ij, so an lse cotangent g_i enters dS = P ⊙ (dP − D) as D − g.
+  g = to_head_major(_pad_to(d_lse.astype(jnp.float32)[..., None], 1, tiles.tq), K)
+  delta = delta - jnp.where(jnp.isinf(lse), 0.0, g)
 
   def row_stats(i):
     sl = lambda x: lax.dynamic_slice_in_dim(x, i * st.block_q, st.block_q, axis=3)

@@ -77,7 +77,8 @@ def dot_product_attention(
   block_sizes: BlockSizes | None = None,
   interpret: bool | None = None,
   block_map: BlockMap | None = None,
-) -> Float[Array, "B T N V"]:
+  return_lse: bool = False,
+) -> Float[Array, "B T N V"] | tuple[Float[Array, "B T N V"], Float[Array, "B T N"]]:
   """Softmax attention; see the module docstring for the equation and conventions.
 
   Args:
@@ -97,6 +98,10 @@ def dot_product_attention(
     block_map: runtime tile selection (module docstring), groups [Bm, Nm] with Bm in {1, B}
       and Nm in {1, N}; its tile sizes set the chunked/pallas tiles (`block_sizes`, if given,
       must have the same block_q, block_k).
+    return_lse: also return the per-row log-sum-exp of the kept logits, lse [B,T,N] fp32
+      (-inf for a row with no kept key), differentiable: for merging partial attentions
+      (out = Σ_i exp(lse_i − lse) out_i) and for the mass a sparse selection keeps
+      (exp(lse_sparse − lse_dense)). "xla", "chunked", "pallas".
   """
   B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v, separate_kv_heads=True)
   k, v = repeat_to_common_heads(k, v)
@@ -151,6 +156,7 @@ def dot_product_attention(
     block_sizes=block_sizes,
     interpret=interpret,
     block_map=block_map,
+    return_lse=return_lse,
   )
 
 
@@ -226,7 +232,9 @@ def _split_mask(mask, shape_bnts):
 # ------------------------------------------------------------------ "xla": the reference
 
 
-def _xla(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, **_):
+def _xla(
+  q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, return_lse=False, **_
+):
   """Materialises the [B,N,T,S] logits; the readable definition of every option."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
@@ -262,7 +270,13 @@ def _xla(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap,
   denom = jnp.sum(p, axis=-1, keepdims=True)
   weights = p / jnp.where(denom > 0, denom, 1.0)  # fully masked rows -> zeros
   out = jnp.einsum("bkgts,bskv->btkgv", weights, v.astype(jnp.float32))
-  return out.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+  out = out.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+  if not return_lse:
+    return out
+  # lse = m + log Σ p (fully masked rows: log 0 = -inf); m's gradient cancels: d lse / d s = P.
+  lse = jnp.squeeze(m + jnp.log(denom), -1)  # [B, K, G, T]
+  lse = jnp.where(denom[..., 0] > 0, lse, -jnp.inf)
+  return out, jnp.moveaxis(lse, -1, 1).reshape(B, T, N)
 
 
 def _heads_split(x_bnts, G):
@@ -287,7 +301,19 @@ def _chunked(q, k, v, *, block_sizes, **kw):  # block_map (if any) travels in kw
 
 
 def _pallas(
-  q, k, v, *, structured, segment_ids, scale, soft_cap, block_sizes, interpret, block_map, **_
+  q,
+  k,
+  v,
+  *,
+  structured,
+  segment_ids,
+  scale,
+  soft_cap,
+  block_sizes,
+  interpret,
+  block_map,
+  return_lse=False,
+  **_,
 ):
   """The block-sparse kernel; table masks pass `mask.tables()` as kernel inputs.
 
@@ -335,6 +361,7 @@ def _pallas(
       logits_soft_cap=soft_cap,
       block_sizes=tiles,
       interpret=interpret,
+      return_lse=return_lse,
     )
   except NotImplementedError as e:
     registry.log_fallback("softmax", "pallas", "chunked", str(e))
@@ -351,10 +378,13 @@ def _pallas(
     block_sizes=block_sizes,
     interpret=interpret,
     block_map=runtime_map,
+    return_lse=return_lse,
   )
 
 
-def _ring(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, **_):
+def _ring(
+  q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, return_lse=False, **_
+):
   """Ring attention over the "sequence" axis of the current mesh (`jax.set_mesh`).
 
   The ring supports causality, segment ids and the soft cap; any other mask or a bias raises
@@ -368,6 +398,10 @@ def _ring(q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap
       "implementation='ring' shards the sequence over the 'sequence' axis of the current "
       "mesh, but no such mesh is set; run inside `with jax.set_mesh(mesh):` with a mesh "
       "that has a 'sequence' axis, or pick another implementation"
+    )
+  if return_lse:
+    raise NotImplementedError(
+      "implementation='ring' does not return lse; use 'chunked' or 'pallas' for return_lse"
     )
   is_causal = isinstance(structured, Causal) and structured.offset == 0
   if (structured is not None and not is_causal) or dense_mask is not None or bias is not None:
