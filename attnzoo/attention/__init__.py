@@ -11,7 +11,7 @@ from attnzoo.attention.dense.softmax import dot_product_attention
 from attnzoo.attention.heads import affine_scaled, bam, diffqkv, mfa, moh, rcmha, shrp, sqa
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
-from attnzoo.attention.sparse import sparse
+from attnzoo.attention.sparse import biformer, blockrank, sparse, sparsifiner
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,
@@ -26,6 +26,9 @@ FAMILIES: dict[str, Family] = {
   "sqa": sqa.FAMILY,
   "diffqkv": diffqkv.FAMILY,
   "sparse": sparse.FAMILY,
+  "biformer": biformer.FAMILY,
+  "blockrank": blockrank.FAMILY,
+  "sparsifiner": sparsifiner.FAMILY,
 }
 
 

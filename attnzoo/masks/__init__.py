@@ -10,6 +10,7 @@ predicate for kernels, or a `BlockMap` of empty / partial / full tiles.
 """
 
 from attnzoo.masks.base import And, Causal, Mask, Or
+from attnzoo.masks.blockrank import BlockRank as BlockRank
 from attnzoo.masks.local import AttentionSinks, Blocked, Chunked, GlobalTokens, SlidingWindow
 from attnzoo.masks.neighborhood import Neighborhood
 from attnzoo.masks.registry import MASKS, build_mask, mask_arguments
