@@ -43,6 +43,34 @@ def check_qkv(
   return B, T, S, N, K, H, Hv
 
 
+def check_layer_input(x, B: int, T: int) -> int:
+  """Checks the layer input x [B, T, D] a family reads (a router, a gate); returns D."""
+  if getattr(x, "ndim", None) != 3 or x.shape[:2] != (B, T):
+    raise ValueError(
+      f"x (the layer input) has shape {getattr(x, 'shape', None)}; expected [B, T, D] with "
+      f"(B, T) = {(B, T)} as q: pass the layer input the queries were projected from"
+    )
+  return x.shape[-1]
+
+
+def check_shape(name: str, array, want: tuple[int, ...], fix: str) -> None:
+  """Checks a learned / carried array's shape; `fix` says how to build it right."""
+  if tuple(array.shape) != tuple(want):
+    raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {tuple(want)}; {fix}")
+
+
+def check_valid(valid, B: int, T: int):
+  """The `valid` layer input as bool [B, T] (all True when None), checked."""
+  if valid is None:
+    return jnp.ones((B, T), jnp.bool_)
+  if valid.shape != (B, T) or valid.dtype != jnp.bool_:
+    raise ValueError(
+      f"valid must be bool [B, T] = {(B, T)}, got {valid.dtype}{valid.shape}; pass False at "
+      "padding tokens"
+    )
+  return valid
+
+
 def check_heads(N: int, K: int, *, what: str = "kv") -> int:
   """Checks grouped-query heads (N % K == 0); returns G = N // K."""
   if K == 0 or N % K:

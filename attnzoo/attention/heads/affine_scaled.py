@@ -107,26 +107,10 @@ def attention(
     raise ValueError(f"n_keys={n_keys!r} is not one of {N_KEYS}; pick one of those")
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum={momentum} must lie in [0, 1) (the paper uses 0.9)")
-  if x is None or x.ndim != 3 or x.shape[:2] != (B, T):
-    raise ValueError(
-      f"x (the layer input) must have shape [B, T, D] = [{B}, {T}, D], got "
-      f"{getattr(x, 'shape', None)}; pass the layer input the queries were projected from"
-    )
-  D = x.shape[-1]
-  if w_alpha.shape != (D, N):
-    raise ValueError(
-      f"w_alpha has shape {w_alpha.shape}, expected [D, N] = {(D, N)} (model width x query "
-      "heads); create it from FAMILY.params"
-    )
-  if alpha_ma.shape != (N,):
-    raise ValueError(
-      f"alpha_ma has shape {alpha_ma.shape}, expected [N] = {(N,)} (one EMA per query head); "
-      "create it from FAMILY.state"
-    )
-  if valid is None:
-    valid = jnp.ones((B, T), jnp.bool_)
-  if valid.shape != (B, T) or valid.dtype != jnp.bool_:
-    raise ValueError(f"valid must be bool [B, T] = {(B, T)}, got {valid.dtype}{valid.shape}")
+  D = _validate.check_layer_input(x, B, T)
+  _validate.check_shape("w_alpha", w_alpha, (D, N), "[D, N]: create it from FAMILY.params")
+  _validate.check_shape("alpha_ma", alpha_ma, (N,), "one EMA per head: create it from FAMILY.state")
+  valid = _validate.check_valid(valid, B, T)
   name = registry.resolve_implementation(implementation, _SHIFT_SUMS, family="affine_scaled")
 
   z_BTN = jnp.einsum("btd,dn->btn", x.astype(jnp.float32), w_alpha.astype(jnp.float32))

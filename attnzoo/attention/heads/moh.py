@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from attnzoo.attention import registry
+from attnzoo.attention import _validate, registry
 from attnzoo.attention.dense.softmax import dot_product_attention
 from pallas_kernels.block_sparse import BlockSizes
 
@@ -168,11 +168,6 @@ def balance_loss(
   return p_BTR.shape[-1] * jnp.sum(f_R * P_R), f_R
 
 
-def _check(name: str, array, want: tuple[int, ...], fix: str) -> None:
-  if tuple(array.shape) != want:
-    raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {want}; {fix}")
-
-
 def attention(
   q: Float[Array, "B T N H"],
   k: Float[Array, "B S K H"],
@@ -228,9 +223,8 @@ def attention(
       "leave gates='code'"
     )
   num_shared, top_k = resolve_heads(N, num_shared, top_k)
-  if x.ndim != 3 or x.shape[:2] != (B, T):
-    raise ValueError(f"x has shape {x.shape}; expected [B, T, D] with (B, T) = {(B, T)} as q")
-  D = x.shape[-1]
+  D = _validate.check_layer_input(x, B, T)
+  _check = _validate.check_shape
   _check("w_router", w_router, (D, N), f"declare it as ParamSpec shape (D, N) = ({D}, {N})")
   _check("w_mix", w_mix, (D, 2), f"declare it as ParamSpec shape (D, 2) = ({D}, 2)")
   valid = jnp.ones((B, T), jnp.bool_) if valid is None else valid

@@ -118,28 +118,10 @@ def attention(
     state={"usage": usage + this call's counts})).
   """
   B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v)
-  if x is None or x.ndim != 3 or x.shape[:2] != (B, T):
-    raise ValueError(
-      f"x (the layer input) has shape {getattr(x, 'shape', None)}; expected [B, T, D] with "
-      f"(B, T) = {(B, T)} as q: pass the layer input the queries were projected from"
-    )
-  D = x.shape[-1]
-  if w_router.shape != (D, N):
-    raise ValueError(
-      f"w_router has shape {w_router.shape}, expected [D, N] = {(D, N)} (model width x query "
-      "heads); create it from FAMILY.params"
-    )
-  if usage.shape != (N,):
-    raise ValueError(
-      f"usage has shape {usage.shape}, expected [N] = {(N,)} (one count per query head); "
-      "create it from FAMILY.state"
-    )
-  valid = jnp.ones((B, T), jnp.bool_) if valid is None else valid
-  if valid.shape != (B, T) or valid.dtype != jnp.bool_:
-    raise ValueError(
-      f"valid must be bool [B, T] = {(B, T)}, got {valid.dtype}{valid.shape}; pass False at "
-      "padding tokens"
-    )
+  D = _validate.check_layer_input(x, B, T)
+  _validate.check_shape("w_router", w_router, (D, N), "[D, N]: create it from FAMILY.params")
+  _validate.check_shape("usage", usage, (N,), "one count per head: create it from FAMILY.state")
+  valid = _validate.check_valid(valid, B, T)
   name = registry.resolve_implementation(
     implementation, dict.fromkeys(_IMPLEMENTATIONS), family="shrp"
   )

@@ -283,7 +283,7 @@ def test_defaults_are_valid_for_every_head_count(n, want):
     (dict(router="qnorm", gates="paper"), "gates='paper'"),
     (dict(w_router=jnp.zeros((D, N - 1))), r"w_router has shape \(16, 7\)"),
     (dict(w_mix=jnp.zeros((D, 3))), r"w_mix has shape \(16, 3\)"),
-    (dict(x=jnp.zeros((B, T + 1, D))), "x has shape"),
+    (dict(x=jnp.zeros((B, T + 1, D))), r"x \(the layer input\) has shape"),
     (dict(valid=jnp.ones((B, T - 1), bool)), "valid has shape"),
   ],
 )
