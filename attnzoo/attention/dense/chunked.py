@@ -72,6 +72,7 @@ def chunked_attention(
   block_k,
   block_map: BlockMap | None = None,
   return_lse: bool = False,
+  positions: tuple[jax.Array, jax.Array] | None = None,
 ):
   """q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv] -> [B,T,N,Hv]; inputs already validated.
   With `return_lse`: (out, lse [B,T,N] fp32, -inf for rows with no kept key), both
@@ -82,11 +83,14 @@ def chunked_attention(
   block_map: the tiles to visit, possibly traced (chosen from the data) and per batch element
   and query head ([Bm, Nm] groups, 1 or B / N); its tile sizes are block_q, block_k and its
   PARTIAL flags say where `structured`'s predicate runs. None: the mask's own static map.
+  positions: (q_pos int32 [B, Nq, T], kv_pos int32 [B, Kk, S]), Nq in {1, N}, Kk in {1, K}:
+  the original positions of a permuted layout; `structured`'s predicate then runs on them in
+  every visited tile (PARTIAL flags are ignored), and None for block_map means every tile.
   """
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   if block_map is None:
-    if structured is None:
+    if structured is None or positions is not None:
       kb = num_blocks(S, block_k)
       full = np.full((num_blocks(T, block_q), kb), 2, np.int32)
       block_map = BlockMap.from_block_mask(full, block_q=block_q, block_k=block_k, seq_q=T, seq_k=S)
@@ -95,11 +99,16 @@ def chunked_attention(
   Bm, Nm = block_map.kv_counts.shape[:2]
   if Bm == 1 and Nm == 1:  # one map for every (batch, head): all heads walk it together
     st = _Static(T, S, block_q, block_k, N // K, float(scale), soft_cap, structured)
-    extras = _Extras(dense_mask, segment_ids, _Tables.of(block_map, 0, 0))
+    pos = None
+    if positions is not None:
+      q_pos, kv_pos = positions
+      q_pos = q_pos.reshape(B, K, N // K, T) if q_pos.shape[1] == N else q_pos[:, :, None]
+      pos = (q_pos, kv_pos[:, :, None])
+    extras = _Extras(dense_mask, segment_ids, _Tables.of(block_map, 0, 0), pos)
     out, lse = _attention(st, q, k, v, bias, extras)
   else:
     out, lse = _per_head_maps(
-      q, k, v, bias, dense_mask, segment_ids, block_map, structured, scale, soft_cap
+      q, k, v, bias, dense_mask, segment_ids, block_map, structured, scale, soft_cap, positions
     )
   return (out, lse) if return_lse else out
 
@@ -125,14 +134,18 @@ class _Tables:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Extras:
-  """Non-differentiable inputs: mask array, segment ids, the tile tables."""
+  """Non-differentiable inputs: mask array, segment ids, the tile tables, and the original
+  positions of a permuted layout (q_pos [Bx, Kx, Gx, T], kv_pos [Bx, Kx, 1, S]) or None."""
 
   dense_mask: jax.Array | None
   segment_ids: tuple[jax.Array, jax.Array] | None
   tables: _Tables
+  positions: tuple[jax.Array, jax.Array] | None = None
 
 
-def _per_head_maps(q, k, v, bias, dense_mask, segment_ids, bm, structured, scale, soft_cap):
+def _per_head_maps(
+  q, k, v, bias, dense_mask, segment_ids, bm, structured, scale, soft_cap, positions=None
+):
   """One map per (batch element, query head): the single-head flash attention vmapped over b
   and n, each instance walking its own tiles (a while loop per instance under vmap runs to the
   longest row count; maps of static width keep that equal). K/V heads are repeated to the
@@ -161,20 +174,29 @@ def _per_head_maps(q, k, v, bias, dense_mask, segment_ids, bm, structured, scale
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, L, N, X] -> [B, N, L, X]
   q_bn = heads_first(q)
   k_bn, v_bn = (heads_first(jnp.repeat(x, N // K, axis=2)) for x in (k, v))
+  pos, pos_n = None, None
+  if positions is not None:  # [B, Nq, T], [B, Kk, S]; kv heads repeated like k and v
+    q_pos, kv_pos = positions
+    kv_pos = jnp.repeat(kv_pos, N // K, axis=1) if kv_pos.shape[1] == K > 1 else kv_pos
+    pos = tuple(x if x.shape[1] == N else x[:, 0] for x in (q_pos, kv_pos))
+    pos_n = tuple(0 if x.shape[1] == N else None for x in (q_pos, kv_pos))
 
-  def one(q1, k1, v1, bias1, mask1, seg1, tab1):
-    # q1 [T,H], k1 [S,H], v1 [S,Hv]; bias1 / mask1 [T,S] or None; seg1 ([T], [S]) or None.
+  def one(q1, k1, v1, bias1, mask1, seg1, tab1, pos1):
+    # q1 [T,H], k1 [S,H], v1 [S,Hv]; bias1 / mask1 [T,S] or None; seg1 ([T], [S]) or None;
+    # pos1 ([T], [S]) or None.
     grid = lambda x: None if x is None else x[None, None]
     rows = lambda x: x[None, :, None]
     seg = None if seg1 is None else (seg1[0][None], seg1[1][None])
-    extras1 = _Extras(grid(mask1), seg, tab1)
+    pos = None if pos1 is None else tuple(x[None, None, None] for x in pos1)
+    extras1 = _Extras(grid(mask1), seg, tab1, pos)
     out, lse = _attention(st, rows(q1), rows(k1), rows(v1), grid(bias1), extras1)
     return out[0, :, 0], lse[0, :, 0]
 
-  per_n = jax.vmap(one, in_axes=(0, 0, 0, bias_n, mask_n, None, tab_n))
+  per_n = jax.vmap(one, in_axes=(0, 0, 0, bias_n, mask_n, None, tab_n, pos_n))
   seg_b = None if segment_ids is None else 0
-  per_bn = jax.vmap(per_n, in_axes=(0, 0, 0, bias_b, mask_b, seg_b, tab_b))
-  out, lse = per_bn(q_bn, k_bn, v_bn, bias, mask, segment_ids, tables)  # [B,N,T,Hv], [B,N,T]
+  pos_b = None if pos is None else (0, 0)
+  per_bn = jax.vmap(per_n, in_axes=(0, 0, 0, bias_b, mask_b, seg_b, tab_b, pos_b))
+  out, lse = per_bn(q_bn, k_bn, v_bn, bias, mask, segment_ids, tables, pos)  # [B,N,T,Hv], [B,N,T]
   return heads_first(out), jnp.swapaxes(lse, 1, 2)
 
 
@@ -241,6 +263,10 @@ class _Tiles:
     if extras.segment_ids is not None:
       q_ids, kv_ids = extras.segment_ids
       self.seg = (_pad_to(q_ids, 1, self.tq, -1), _pad_to(kv_ids, 1, self.tk, -2))
+    self.pos = None
+    if extras.positions is not None:  # padded rows/keys are dropped by the padding checks
+      q_pos, kv_pos = extras.positions
+      self.pos = (_pad_to(q_pos, 3, self.tq), _pad_to(kv_pos, 3, self.tk))
     self.needs_key_padding = self.tk != st.seq_k
 
   def q_tile(self, x, i, axis=3):
@@ -271,7 +297,12 @@ class _Tiles:
 
     q_pos = i * st.block_q + lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
     k_pos = j * st.block_k + lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 1)
-    if st.structured is not None:
+    if st.structured is not None and self.pos is not None:
+      # A permuted layout: the predicate reads the original positions, in every tile.
+      orig_q = lax.dynamic_slice_in_dim(self.pos[0], i * st.block_q, st.block_q, axis=3)
+      orig_k = lax.dynamic_slice_in_dim(self.pos[1], j * st.block_k, st.block_k, axis=3)
+      keep = conj(keep, st.structured.predicate(orig_q[..., :, None], orig_k[..., None, :], jnp))
+    elif st.structured is not None:
       pred = lambda: jnp.broadcast_to(st.structured.predicate(q_pos, k_pos, jnp), q_pos.shape)
       keep = conj(keep, lax.cond(partial > 0, pred, lambda: jnp.ones(q_pos.shape, bool)))
     if self.needs_key_padding:

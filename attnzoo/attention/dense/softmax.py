@@ -78,6 +78,7 @@ def dot_product_attention(
   interpret: bool | None = None,
   block_map: BlockMap | None = None,
   return_lse: bool = False,
+  positions: tuple[jax.Array, jax.Array] | None = None,
 ) -> Float[Array, "B T N V"] | tuple[Float[Array, "B T N V"], Float[Array, "B T N"]]:
   """Softmax attention; see the module docstring for the equation and conventions.
 
@@ -102,6 +103,12 @@ def dot_product_attention(
       (-inf for a row with no kept key), differentiable: for merging partial attentions
       (out = Σ_i exp(lse_i − lse) out_i) and for the mass a sparse selection keeps
       (exp(lse_sparse − lse_dense)). "xla", "chunked", "pallas".
+    positions: (q_pos int [B,T] or [B,T,N], kv_pos int [B,S] or [B,S,K]): the original
+      positions of the rows of a permuted layout (PBS-Attn's key segments, tile-major N-D
+      orders); the structured mask and `is_causal` are evaluated on them instead of on the row
+      index, in every visited tile. Dense masks, bias, segment ids and `block_map` refer to
+      the layout as passed. Without `block_map` every tile is visited. "xla", "chunked"
+      ("pallas" falls back to "chunked", logged). See `permuted.py` for permute/un-permute.
   """
   B, T, S, N, K, H, _ = _validate.check_qkv(q, k, v, separate_kv_heads=True)
   k, v = repeat_to_common_heads(k, v)
@@ -115,12 +122,17 @@ def dot_product_attention(
   if bias is not None:
     bias = _validate.broadcast_to_bnts(jnp.asarray(bias), "bias", (B, N, T, S))
   segments = _validate.split_segment_ids(segment_ids, B, T, S)
+  if positions is not None:
+    positions = _check_positions(positions, B=B, T=T, S=S, N=N, K=k.shape[2], Kk=K)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
 
   name = registry.resolve_implementation(implementation, _IMPLEMENTATIONS, family="softmax")
   if block_map is not None:
-    block_map = restrict_block_map(block_map, structured, B=B, N=N, T=T, S=S)
+    # With positions the static mask's tile classification is void (rows are permuted): keep
+    # every selected tile, and the predicate runs in each.
+    by_mask = structured if positions is None else None
+    block_map = restrict_block_map(block_map, by_mask, B=B, N=N, T=T, S=S)
     tiles = (block_map.block_q, block_map.block_k)
     if block_sizes is not None and (block_sizes.block_q, block_sizes.block_k) != tiles:
       raise ValueError(
@@ -135,6 +147,16 @@ def dot_product_attention(
     if name == "xla":  # the reference: the selection as a dense mask
       selected = selected_elements(block_map)
       dense = selected if dense is None else dense & selected
+  if name == "ring" and positions is not None:
+    raise NotImplementedError("implementation='ring' does not take positions; use 'chunked'")
+  if name == "pallas" and positions is not None:
+    if implementation == "pallas":
+      raise NotImplementedError(
+        "implementation='pallas' has no position tables for permuted layouts yet; use "
+        "implementation='chunked' (the same tiles and skipping) or None"
+      )
+    registry.log_fallback("softmax", "pallas", "chunked", "position tables (permuted layout)")
+    name = "chunked"
   if name == "pallas" and (bias is not None or dense is not None):
     if implementation == "pallas":
       raise NotImplementedError(
@@ -157,7 +179,36 @@ def dot_product_attention(
     interpret=interpret,
     block_map=block_map,
     return_lse=return_lse,
+    positions=positions,
   )
+
+
+def _check_positions(positions, *, B, T, S, N, K, Kk):
+  """(q_pos [B,T] | [B,T,N], kv_pos [B,S] | [B,S,K]) -> (int32 [B, Nq, T], int32 [B, Kk', S])
+  with Nq in {1, N}, Kk' in {1, K} (K: the kv heads after `repeat_to_common_heads`)."""
+  if not (isinstance(positions, tuple | list) and len(positions) == 2):
+    raise TypeError("positions must be a pair (q_positions [B,T], kv_positions [B,S])")
+  out = []
+  for name, x, L, H in (("q", positions[0], T, N), ("kv", positions[1], S, Kk)):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{name} positions must be integers, got dtype {x.dtype}")
+    if x.shape == (B, L):
+      x = x[:, None, :]
+    elif x.shape == (B, L, H):
+      x = jnp.swapaxes(x, 1, 2)
+    else:
+      raise ValueError(
+        f"{name} positions have shape {x.shape}; expected {(B, L)} (shared by the heads) or "
+        f"{(B, L, H)} (one layout per {'query' if name == 'q' else 'kv'} head)"
+      )
+    out.append(x.astype(jnp.int32))
+  if out[1].shape[1] > 1 and K != Kk:
+    raise ValueError(
+      f"per-head kv positions need equal key and value head counts (got K={Kk} key heads and "
+      f"{K} after repeating to common heads); pass kv positions of shape {(B, S)}"
+    )
+  return tuple(out)
 
 
 def restrict_block_map(
@@ -233,7 +284,19 @@ def _split_mask(mask, shape_bnts):
 
 
 def _xla(
-  q, k, v, *, structured, dense_mask, bias, segment_ids, scale, soft_cap, return_lse=False, **_
+  q,
+  k,
+  v,
+  *,
+  structured,
+  dense_mask,
+  bias,
+  segment_ids,
+  scale,
+  soft_cap,
+  return_lse=False,
+  positions=None,
+  **_,
 ):
   """Materialises the [B,N,T,S] logits; the readable definition of every option."""
   B, T, N, H = q.shape
@@ -251,7 +314,12 @@ def _xla(
   def conj(a, b):
     return b if a is None else a & b
 
-  if structured is not None:
+  if structured is not None and positions is not None:  # original positions of each row
+    q_pos, kv_pos = positions  # [B, Nq, T], [B, Kk, S]
+    q_pos = q_pos.reshape(B, K, G, T) if q_pos.shape[1] == N else q_pos[:, :, None]
+    kv_pos = kv_pos[:, :, None]
+    keep = structured.predicate(q_pos[..., :, None], kv_pos[..., None, :], jnp)
+  elif structured is not None:
     q_pos = jnp.arange(T, dtype=jnp.int32)[:, None]
     k_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     keep = jnp.broadcast_to(structured.predicate(q_pos, k_pos, jnp), (T, S))[None, None, None]
@@ -291,7 +359,7 @@ def _default_tile(length: int) -> int:
   return min(_CHUNKED_TILE, -(-length // 8) * 8)
 
 
-def _chunked(q, k, v, *, block_sizes, **kw):  # block_map (if any) travels in kw
+def _chunked(q, k, v, *, block_sizes, **kw):  # block_map, positions (if any) travel in kw
   kw.pop("interpret")
   if block_sizes is None:
     bq, bk = _default_tile(q.shape[1]), _default_tile(k.shape[1])
