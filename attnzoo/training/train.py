@@ -8,6 +8,7 @@ model + optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -36,6 +37,49 @@ def build_state(config, model_cfg, mesh):
   shardings = sharding.state_shardings(abstract, mesh)
   init = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)
   return graphdef, abstract, shardings, init
+
+
+def restore_model(
+  config: ml_collections.ConfigDict, workdir: str, **overrides
+) -> tuple[Transformer, int]:
+  """(model, step): the model of the newest good checkpoint in `workdir`, trained from
+  `config`, for analysis. `overrides` replace `ModelConfig` fields of the returned model (e.g.
+  `input_len=2048` to run a RoPE language model on longer inputs than it was trained on);
+  they must leave every parameter shape unchanged. Raises FileNotFoundError if there is no
+  readable checkpoint."""
+  ds = builders.dataset(config)
+  model_cfg = builders.model_config(config, ds)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  with jax.set_mesh(mesh):
+    graphdef, abstract, shardings, _ = build_state(config, model_cfg, mesh)
+    meta = dict(model=builders.model_meta(model_cfg), shapes=checkpoints.state_shapes(abstract))
+    ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep)
+    try:
+      restored = ckpt.restore(checkpoints.abstract_with_shardings(abstract, shardings), meta)
+    finally:
+      ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(
+      f"no readable checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; "
+      "train first (python -m experiments.train --config ... --workdir ...)"
+    )
+  state, step = restored
+  model, _ = nnx.merge(graphdef, state)
+  if overrides:
+    cfg = dataclasses.replace(model_cfg, **overrides)
+    target = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+    want, got = (
+      checkpoints.state_shapes(nnx.state(target)),
+      checkpoints.state_shapes(nnx.state(model)),
+    )
+    if want != got:
+      raise ValueError(
+        f"overrides {overrides} change parameter shapes; only shape-preserving fields "
+        "(lengths of a RoPE/ALiBi model, knobs) can be overridden"
+      )
+    graph, _ = nnx.split(target)
+    model = nnx.merge(graph, nnx.state(model))
+  return model, step
 
 
 def train_and_evaluate(

@@ -55,6 +55,11 @@ class _Static:
   scale: float
   soft_cap: float | None
   structured: Mask | None
+  # Backward over the forward tables with per-visit dK/dV slots (`_slot_grads`) instead of
+  # the transposed walk that adds dQ into a buffer: under vmap (per-(batch, head) maps) that
+  # in-place add becomes a scatter per visited tile and the transposed counts differ between
+  # instances; measured 2.9x faster f+b backward at 12 % density.
+  slot_backward: bool = False
 
 
 def chunked_attention(
@@ -153,7 +158,9 @@ def _per_head_maps(
   B, T, N, _ = q.shape
   S, K = k.shape[1], k.shape[2]
   bm = bm.broadcast_to_groups(B, N)
-  st = _Static(T, S, bm.block_q, bm.block_k, 1, float(scale), soft_cap, structured)
+  st = _Static(
+    T, S, bm.block_q, bm.block_k, 1, float(scale), soft_cap, structured, slot_backward=True
+  )
 
   def groups(x):
     """x [X0, X1, ...] (X0 in {1, B}, X1 in {1, N}) -> (x with unit group axes dropped,
@@ -401,6 +408,11 @@ def _attention_bwd(st, res, cotangents):
     p, ds = probs_and_dlogits(_masked(s, keep), lse_t, dp, delta_t)
     return p, ds, soft_cap_vjp(ds, tanh)
 
+  if st.slot_backward and bias is None:
+    dq, dk, dv = _slot_grads(st, tiles, tab, do, tile_grads)
+    extras_ct = jax.tree.map(lambda _: None, extras)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, extras_ct
+
   # One pass over kv tiles (the transposed tables): each tile's dK/dV accumulate in the loop
   # carry, while its dQ (and d bias) contributions are added into O(T·H) buffers in place.
   # Recomputing the tiles once instead of in separate dQ and dK/dV passes saves two of
@@ -452,6 +464,56 @@ def _attention_bwd(st, res, cotangents):
     d_bias = d_bias.astype(bias.dtype)
   extras_ct = jax.tree.map(lambda _: None, extras)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, extras_ct
+
+
+def _slot_grads(st, tiles, tab, do, tile_grads):
+  """(dq [B,T,N,H], dk [B,S,K,H], dv [B,S,K,Hv]) fp32 in one pass over the forward tables.
+
+  Each q tile walks its listed kv tiles with dQ in the loop carry; the dK/dV contribution of
+  visit t is written to slot t of a [Mk, ...] buffer (the loop index, the same in every vmap
+  instance, so the write stays in place), and one segment sum by kv tile adds the slots up
+  at the end. Memory O(visited tiles · bk · H) instead of O(S · H); no per-visit scatter and
+  no walk of the transposed tables, whose counts differ between heads (under vmap every
+  instance would run to the largest)."""
+  B, K, G, _, H = tiles.q.shape
+  Hv = tiles.v.shape[-1]
+  width = tab.kv_idx.shape[1]
+
+  def q_block(i):
+    q_t, do_t = tiles.q_tile(tiles.q, i), tiles.q_tile(do, i)
+
+    def step(t, c):
+      dq_t, dk_slots, dv_slots = c
+      j = tab.kv_idx[i, t]
+      p, _, ds_raw = tile_grads(i, j, tab.kv_part[i, t], q_t, do_t)
+      k_t = tiles.k_tile(tiles.k, j).astype(jnp.float32)
+      dq_t = dq_t + jnp.einsum("bkgqs,bksh->bkgqh", ds_raw, k_t) * st.scale
+      dv = jnp.einsum("bkgqs,bkgqv->bksv", p, do_t)
+      dk = jnp.einsum("bkgqs,bkgqh->bksh", ds_raw, q_t.astype(jnp.float32)) * st.scale
+      dk_slots = lax.dynamic_update_index_in_dim(dk_slots, dk, t, axis=0)
+      dv_slots = lax.dynamic_update_index_in_dim(dv_slots, dv, t, axis=0)
+      return dq_t, dk_slots, dv_slots
+
+    init = (
+      jnp.zeros((B, K, G, st.block_q, H), jnp.float32),
+      jnp.zeros((width, B, K, st.block_k, H), jnp.float32),
+      jnp.zeros((width, B, K, st.block_k, Hv), jnp.float32),
+    )
+    return lax.fori_loop(0, tab.kv_cnt[i], step, init)
+
+  dq, dk_slots, dv_slots = lax.map(q_block, jnp.arange(tiles.qb))  # [Qb, (Mk,) B, K, ...]
+  dq = jnp.moveaxis(dq, 0, 3).reshape(B, K, G, tiles.tq, H)
+  # Unused slots hold zeros; their (padding) indices are clipped into range.
+  ids = jnp.clip(tab.kv_idx, 0, tiles.kb - 1).reshape(-1)
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  dk = jax.ops.segment_sum(flat(dk_slots), ids, num_segments=tiles.kb)  # [Kb, B, K, bk, H]
+  dv = jax.ops.segment_sum(flat(dv_slots), ids, num_segments=tiles.kb)
+
+  def kv_rows(x):  # [Kb, B, K, bk, X] -> [B, S, K, X]
+    kb, b, kk, bk, x_dim = x.shape
+    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, kb * bk, kk, x_dim)[:, : st.seq_k]
+
+  return from_head_major(dq)[:, : st.seq_q], kv_rows(dk), kv_rows(dv)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -159,6 +159,44 @@ def select_tiles(
   )
 
 
+def layout(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K V"],
+  *,
+  block_size: int,
+  segment_size: int,
+  threshold: float,
+  permute: bool,
+  is_causal: bool,
+  scale: float,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], BlockMap]:
+  """(k', v' [B,S,N,·] per query head, positions (q [B,T], kv [B,S,N]), BlockMap): everything
+  `dot_product_attention(q, k', v', is_causal=, block_map=, positions=)` needs to run PBS-Attn
+  (e.g. with return_lse=True to measure the attention mass the selection keeps)."""
+  B, T, N, _ = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if permute:
+    imp = key_importance(q, k, block_size=block_size, scale=scale)
+    perm = segment_permutation(imp, segment_size=segment_size)  # [B, N, S]
+  else:
+    perm = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, N, S))
+  perm_bsn = jnp.swapaxes(perm, 1, 2)[..., None]
+  gather = lambda x: jnp.take_along_axis(jnp.repeat(x, N // K, axis=2), perm_bsn, axis=1)
+  bmap = select_tiles(
+    q,
+    gather(k),
+    perm,
+    block_size=block_size,
+    segment_size=segment_size,
+    threshold=threshold,
+    is_causal=is_causal,
+    scale=scale,
+  )
+  q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return gather(k), gather(v), (q_pos, jnp.swapaxes(perm, 1, 2)), bmap
+
+
 def attention(
   q: Float[Array, "B T N H"],
   k: Float[Array, "B S K H"],
@@ -194,21 +232,14 @@ def attention(
     implementation, dict.fromkeys(_IMPLEMENTATIONS), family="pbs"
   )
   scale = 1.0 / math.sqrt(H) if scale is None else scale
-  if permute:
-    imp = key_importance(q, k, block_size=block_size, scale=scale)
-    perm = segment_permutation(imp, segment_size=segment_size)  # [B, N, S]
-  else:
-    perm = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, N, S))
-  perm_bsn = jnp.swapaxes(perm, 1, 2)[..., None]
-  gather = lambda x: jnp.take_along_axis(jnp.repeat(x, N // K, axis=2), perm_bsn, axis=1)
-  k_perm, v_perm = gather(k), gather(v)
-  bmap = select_tiles(
+  k_perm, v_perm, positions, bmap = layout(
     q,
-    k_perm,
-    perm,
+    k,
+    v,
     block_size=block_size,
     segment_size=segment_size,
     threshold=threshold,
+    permute=permute,
     is_causal=is_causal,
     scale=scale,
   )
@@ -221,7 +252,7 @@ def attention(
     implementation=impl,
     block_sizes=BlockSizes(block_size, block_size),
     block_map=bmap,
-    positions=(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), jnp.swapaxes(perm, 1, 2)),
+    positions=positions,
   )
   same, other = _segment_tables(T, S, block_size, segment_size, is_causal)
   allowed = float(np.sum(same | other))
