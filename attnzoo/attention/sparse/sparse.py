@@ -56,8 +56,16 @@ def select(
   mask: Mask | None,
   top_k: int,
   mass: float,
+  density: float | None = None,
 ) -> BlockMap:
   """The selector's map for (q, k), checked (tile sizes, type)."""
+  if density is not None:
+    if selector != "topk" or not 0.0 < density <= 1.0:
+      raise ValueError(
+        f"density={density!r} sets the top-k selector's tiles per row as a fraction in (0, 1] "
+        f"of the kv tiles; it needs selector='topk' (got {selector!r})"
+      )
+    top_k = top_k_for_density(density, k.shape[1], block_k)
   if callable(selector):
     bmap = selector(q, k, block_q=block_q, block_k=block_k, mask=mask)
     name = getattr(selector, "__name__", repr(selector))
@@ -84,6 +92,13 @@ def select(
   return bmap
 
 
+def top_k_for_density(density: float, seq_k: int, block_k: int) -> int:
+  """Tiles per row that make a top-k map about `density` of all kv tiles, the forced diagonal
+  tile included (at least 1 chosen tile besides it)."""
+  kb = -(-seq_k // block_k)
+  return max(1, min(kb, round(density * kb) - 1))
+
+
 def attention(
   q: Float[Array, "B T N H"],
   k: Float[Array, "B S K H"],
@@ -98,6 +113,7 @@ def attention(
   selector: str | Callable[..., BlockMap] = "topk",
   top_k: int = 4,
   mass: float = 0.9,
+  density: float | None = None,
   block_q: int = 64,
   block_k: int = 64,
   implementation: str | None = None,
@@ -112,6 +128,8 @@ def attention(
     top_k: kv tiles chosen per q tile by "topk" (besides the forced diagonal one); at most
       the number of kv tiles.
     mass: estimated attention mass "mass" keeps, in (0, 1].
+    density: "topk" only: choose top_k per call as this fraction of the kv tiles (diagonal
+      included), so one setting means the same sparsity at every length (benchmarks).
     block_q, block_k: tile sizes of the selection (and of the chunked / Pallas paths).
     implementation: "xla" (reference), "chunked", "pallas"; None = automatic.
     interpret: Pallas interpret mode (None = on CPU).
@@ -128,6 +146,7 @@ def attention(
     mask=structured,
     top_k=top_k,
     mass=mass,
+    density=density,
   )
   impl = registry.resolve_implementation(
     implementation, dict.fromkeys(_IMPLEMENTATIONS), family="sparse"
