@@ -12,7 +12,9 @@ without knowing its name:
 - `aux_losses`: the names of the losses it returns in `Aux.losses`, with default weights
   (overridable per run as `config.model.aux_weights.<name>`).
 - `layer_inputs`: values of the layer it reads besides q/k/v ("x": the layer input [B,T,D],
-  "positions": int [B,T], "valid": bool [B,T], False at padding tokens).
+  "positions": int [B,T], "valid": bool [B,T], False at padding tokens, "train": a Python bool,
+  True in the training step, "rng": a PRNG key drawn for this layer and step from the model's
+  rngs while training, else None).
 - `hooks`: default input/output hooks of the layer (`attnzoo.attention.hooks`).
 - `heads`: the layer's head layout when it is not the model's (fewer query heads, different key
   and value head counts, experts stacked along the head axis): `Dims -> Dims`.
@@ -34,7 +36,11 @@ from absl import logging
 
 # Every `implementation=` name a family may offer, in the order automatic choice prefers them.
 IMPLEMENTATIONS = ("xla", "chunked", "pallas", "ring", "recurrent")
-LAYER_INPUTS = ("x", "positions", "valid")
+# Layer values a family may read (`Family.layer_inputs`), passed by keyword. "train" is a Python
+# bool (static: the training step vs eval / inference); "rng" is a key, or None outside training
+# or without rngs; the layer draws it only for a family that lists "rng", so the others leave the
+# model's random streams as they were.
+LAYER_INPUTS = ("x", "positions", "valid", "train", "rng")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +180,9 @@ class Conformance:
     skip: implementation -> reason the standalone suite cannot run it (e.g. the ring needs a
       multi-device mesh; it has its own test).
     slow: implementations whose suite is marked slow (e.g. Pallas interpret mode).
+    benchmark: the settings `experiments.benchmark` runs instead of `cases`, when the suite's
+      knobs are sized for its tiny shapes (8-token tiles) rather than for 4k-16k tokens;
+      None = `cases`.
   """
 
   cases: Mapping[str, ConformanceCase] = dataclasses.field(
@@ -183,6 +192,11 @@ class Conformance:
   reference: str = "xla"
   skip: Mapping[str, str] = dataclasses.field(default_factory=dict)
   slow: tuple[str, ...] = ()
+  benchmark: Mapping[str, ConformanceCase] | None = None
+
+  @property
+  def benchmark_cases(self) -> Mapping[str, ConformanceCase]:
+    return self.cases if self.benchmark is None else self.benchmark
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,9 @@ class Block(nnx.Module):
       self.mlp(y_BTD, valid_BT) if isinstance(self.mlp, nn.MoEFFN) else self.mlp(y_BTD)
     )
     y_BTD = self.attn_norm(x_BTD)
-    h_BTD = self.attn(y_BTD, positions_BT, valid_BT)
+    # The training step is the non-deterministic one; a family that samples (a Gumbel router)
+    # draws its key from the same rngs as dropout.
+    h_BTD = self.attn(y_BTD, positions_BT, valid_BT, train=not deterministic, rngs=rngs)
     if self.mlp_norm is None:
       return x_BTD + drop(h_BTD) + drop(mlp(y_BTD))
     x_BTD = x_BTD + drop(h_BTD)

@@ -6,8 +6,13 @@ The family is looked up by name in `attnzoo.attention` and called as
 Everything family-specific comes from its registry entry: the arrays it learns (`Family.params`,
 created here as `nnx.Param`s under `family_params`), the arrays it carries (`Family.state`, as
 `FamilyState` variables under `family_state`, never differentiated), its aux losses/metrics, the
-layer values it reads (`x`, `positions`), and its hooks (`attnzoo.attention.hooks`). The layer
-never branches on a family's or hook's name.
+layer values it reads (`x`, `positions`, `valid`, `train`, `rng`), and its hooks
+(`attnzoo.attention.hooks`). The layer never branches on a family's or hook's name.
+
+Training mode and randomness: `__call__(..., train=, rngs=)` hands a family that lists "train"
+the Python bool, and one that lists "rng" a key drawn from `rngs`' dropout stream for this call
+(None outside training or without rngs). The trainer's rngs are `nnx.Rngs(dropout=fold_in(
+key(seed), step))`, so the key is a function of (seed, step, call order): runs resume exactly.
 
 Aux results: a family that returns `(out, Aux)` has its record sown (`AttentionAux`); the
 trainer runs the model through `run_with_aux`, which gathers every layer's weighted losses,
@@ -158,9 +163,19 @@ class Attention(nnx.Module):
     x_BTD: Float[Array, "B T D"],
     positions_BT: Int[Array, "B T"] | None = None,
     valid_BT: Bool[Array, "B T"] | None = None,
+    *,
+    train: bool = False,
+    rngs: nnx.Rngs | None = None,
   ) -> Float[Array, "B T D"]:
     """`valid_BT` marks real (non-padding) tokens; families that keep statistics over tokens
-    (routing loads, EMAs) read it as the layer input "valid" (all True when None)."""
+    (routing loads, EMAs) read it as the layer input "valid" (all True when None). `train` (the
+    training step: a Python bool) and a key drawn from `rngs` (see the module docstring) are the
+    layer inputs "train" and "rng"."""
+    if not isinstance(train, bool):
+      raise TypeError(
+        f"train={train!r} must be a Python bool (it selects the family's code path at trace "
+        "time); pass `not deterministic`"
+      )
     B, T, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -194,7 +209,9 @@ class Attention(nnx.Module):
       kwargs["mask"] = self.mask
     kwargs.update(_values(self.family_params, self.family.params))
     kwargs.update(_values(self.family_state, self.family.state))
-    layer_inputs = dict(x=x_BTD, positions=positions_BT, valid=valid_BT)
+    layer_inputs = dict(x=x_BTD, positions=positions_BT, valid=valid_BT, train=train)
+    if "rng" in self.family.layer_inputs:  # drawn only when read: other families keep the stream
+      layer_inputs["rng"] = _draw_key(rngs, self.family.name) if train else None
     kwargs.update({name: layer_inputs[name] for name in self.family.layer_inputs})
     out_BTNV = self.family.attention(q_BTNH, k_BTKH, v_BTKH, **kwargs)
     if self.family.returns_aux:
@@ -237,6 +254,19 @@ def sow_aux(module: nnx.Module, name: str, record: dict[str, Any]) -> None:
   being captured carries flax's `__captures__` attribute, the one flax detail read here.)"""
   if hasattr(module, "__captures__"):
     module.sow(AttentionAux, name, record)
+
+
+def _draw_key(rngs: nnx.Rngs | None, family: str) -> jax.Array | None:
+  """A fresh key from the dropout stream of `rngs` (None without rngs)."""
+  if rngs is None:
+    return None
+  try:
+    return rngs.dropout()
+  except AttributeError:
+    raise ValueError(
+      f"family {family!r} reads the layer input 'rng', but the rngs passed have no 'dropout' "
+      "(or default) stream; call the model with rngs=nnx.Rngs(dropout=key)"
+    ) from None
 
 
 def _values(d: nnx.Dict, names) -> dict[str, jax.Array]:

@@ -7,7 +7,8 @@ three; else full and causal), a case "<family>/<implementation>:<scenario>" (lat
 "<family>(<setting>)/...") calls the family's pure function the way the conformance suite does:
 the setting's knob `options`, q/k scaled by its `input_scale`, learned and carried arrays from
 `Family.init_arrays` (params are differentiated with q, k, v), the `layer_inputs` it reads ("x":
-random [B,T,D]; "positions": int32 arange [B,T]), and only `out` of a `returns_aux` family.
+random [B,T,D]; "positions": int32 arange [B,T]; "valid": all True; "train": False and "rng":
+None, i.e. inference), and only `out` of a `returns_aux` family.
 Unlike the suite, each implementation runs at its default tiles: `implementation_options` size
 tiles for the suite's tiny shapes. An implementation that cannot run standalone here
 (`conformance.skip`; "ring" needs a multi-device mesh) is a case skipped with its reason;
@@ -143,13 +144,14 @@ def growth(family: str, impl: str, scenario: str) -> tuple[float | None, float |
 def family_cases(name: str, family) -> list[Case]:
   """Every (setting, implementation, scenario) case of one registered family.
 
-  Settings are `family.conformance.cases`; the first keeps the plain name
+  Settings are `family.conformance.benchmark_cases` (its `benchmark` settings, else the
+  suite's `cases`); the first keeps the plain name
   "<family>/<impl>:<scenario>", the others read "<family>(<setting>)/<impl>:<scenario>".
   """
   conf = family.conformance
   interpreted = _on_cpu()
   cases = []
-  for i, (setting_name, setting) in enumerate(conf.cases.items()):
+  for i, (setting_name, setting) in enumerate(conf.benchmark_cases.items()):
     prefix = name if i == 0 else f"{name}({setting_name})"
     for impl in family.implementations:
       for scenario in scenarios_of(family, setting):
@@ -188,7 +190,7 @@ def _family_builder(name: str, setting_name: str, impl: str, scenario: str):
 
     # Looked up at build time, so an entry added in this process (a test's monkeypatch) is used.
     family = attention.get(name)
-    setting = family.conformance.cases[setting_name]
+    setting = family.conformance.benchmark_cases[setting_name]
     # `implementation_options` are left out: they size tiles for the suite's tiny shapes (e.g.
     # 16x8 softmax tiles), not for a benchmark; each implementation runs at its defaults.
     shapes = registry.Dims(D=N * H, N=N, K=N, H=H, V=H)
@@ -205,6 +207,10 @@ def _family_builder(name: str, setting_name: str, impl: str, scenario: str):
       consts["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if "valid" in family.layer_inputs:
       consts["valid"] = jnp.ones((B, T), jnp.bool_)
+    if "train" in family.layer_inputs:  # inference; a Python bool, so not among traced consts
+      kwargs["train"] = False
+    if "rng" in family.layer_inputs:
+      kwargs["rng"] = None
 
     def fn(q, k, v, params, consts):
       out = family.attention(q, k, v, implementation=impl, **kwargs, **params, **consts)

@@ -16,6 +16,7 @@ from experiments.tables import (
   head_params,
   moh_ablation,
   pool_params,
+  sparse_selection,
   speed_memory,
 )
 
@@ -28,6 +29,7 @@ TABLES = {
   pool_params.NAME: pool_params,
   speed_memory.NAME: speed_memory,
   moh_ablation.NAME: moh_ablation,  # learned, ~30 min: not in QUICK
+  sparse_selection.NAME: sparse_selection,  # trains a small LM (~1 min quick)
 }
 QUICK = (
   decode_cost.NAME,
@@ -37,4 +39,5 @@ QUICK = (
   speed_memory.NAME,
   pool_params.NAME,
   bam_params.NAME,
+  sparse_selection.NAME,
 )

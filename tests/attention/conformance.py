@@ -38,7 +38,8 @@ def random_qkv(seed, B, T, S, N, K, H, Hv=None, dtype=jnp.float32, scale=1.0):
 
 def call_family(family: registry.Family, q, k, v, *, implementation, seed=0, **kw):
   """Calls `family` the way the attention layer does, from q/k/v alone: declared arrays from
-  their specs (fixed seed), layer inputs synthesised from the shapes, aux dropped."""
+  their specs (fixed seed), layer inputs synthesised from the shapes (as at eval: train=False,
+  rng=None; a family's own tests cover training), aux dropped."""
   B, T, N, H = q.shape
   K, V = k.shape[2], v.shape[-1]
   dims = registry.Dims(D=N * H, N=N, K=K, H=H, V=V, knobs=family.knob_values(kw))
@@ -47,6 +48,8 @@ def call_family(family: registry.Family, q, k, v, *, implementation, seed=0, **k
     "x": jax.random.normal(jax.random.key(2000 + seed), (B, T, N * H)).astype(q.dtype),
     "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
     "valid": jnp.ones((B, T), jnp.bool_),
+    "train": False,
+    "rng": None,
   }
   for name in family.layer_inputs:
     kw[name] = inputs[name]

@@ -499,5 +499,10 @@ FAMILY = registry.Family(
     },
     implementation_options={"pallas": {"interpret": True}},
     slow=("pallas",),
+    benchmark={
+      "default": registry.ConformanceCase(
+        options=dict(regions_per_side=8, top_k=4, lepe_kernel_size=0)
+      )
+    },
   ),
 )

@@ -493,5 +493,6 @@ FAMILY = registry.Family(
         )
       )
     },
+    benchmark={"default": registry.ConformanceCase()},  # the family's defaults (512 keys)
   ),
 )

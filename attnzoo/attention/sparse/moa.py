@@ -501,5 +501,6 @@ FAMILY = registry.Family(
       "pallas": {**_SUITE_TILES, "interpret": True},
     },
     slow=("pallas",),
+    benchmark={"default": registry.ConformanceCase()},  # the family's default spans
   ),
 )

@@ -275,5 +275,11 @@ FAMILY = registry.Family(
         options=dict(block_size=8, segment_size=16, threshold=0.5)
       )
     },
+    # The paper's tiles and segments (128 / 256), τ = 0.9.
+    benchmark={
+      "default": registry.ConformanceCase(
+        options=dict(block_size=128, segment_size=256, threshold=0.9)
+      )
+    },
   ),
 )

@@ -186,5 +186,18 @@ FAMILY = registry.Family(
     },
     implementation_options={"pallas": {"interpret": True}},
     slow=("pallas",),
+    # Long sequences, 128-token tiles: 10 % and 20 % of the kv tiles per row (top-k, the
+    # diagonal included) and a 90 %-mass selection.
+    benchmark={
+      "topk10": registry.ConformanceCase(
+        options=dict(selector="topk", density=0.1, block_q=128, block_k=128)
+      ),
+      "topk20": registry.ConformanceCase(
+        options=dict(selector="topk", density=0.2, block_q=128, block_k=128)
+      ),
+      "mass90": registry.ConformanceCase(
+        options=dict(selector="mass", mass=0.9, block_q=128, block_k=128)
+      ),
+    },
   ),
 )

@@ -320,5 +320,6 @@ FAMILY = registry.Family(
   conformance=registry.Conformance(
     # Small tiles so the suite's short sequences span several tiles (ragged, skipped ones).
     cases={"default": registry.ConformanceCase(options=dict(keep_rate=0.25, block_q=8, block_k=8))},
+    benchmark={"default": registry.ConformanceCase(options=dict(keep_rate=0.1))},
   ),
 )
