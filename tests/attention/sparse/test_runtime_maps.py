@@ -60,6 +60,19 @@ def test_chunked_walks_the_runtime_map_as_the_dense_reference_does(is_causal, pe
   assert not np.allclose(np.asarray(got), np.asarray(dense), atol=1e-3)
 
 
+def test_wide_per_head_maps_take_the_transposed_backward():
+  """Full-width tables (mass maps) use the transposed-walk backward, narrow ones (top-k) the
+  per-visit slots; both must equal the reference."""
+  q, k, v = random_qkv(5, B, T, T, N, K, H, scale=2.0)
+  bmap = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=0.6, mask=masks.Causal())
+  assert bmap.kv_indices.shape[-1] == 6  # kb: wider than half the kv tiles
+  want, want_grads = _loss_and_grads("xla", q, k, v, bmap, is_causal=True)
+  got, got_grads = _loss_and_grads("chunked", q, k, v, bmap, is_causal=True)
+  assert_close(got, want)
+  for g, w in zip(got_grads, want_grads, strict=True):
+    assert_close(g, w, grad=True)
+
+
 def test_every_tile_selected_is_dense_attention():
   q, k, v = random_qkv(1, B, T, T, N, K, H)
   bmap = block_select.mass_block_map(q, k, block_q=BLK, block_k=BLK, mass=1.0, mask=masks.Causal())
