@@ -11,7 +11,17 @@ from attnzoo.attention.dense.softmax import dot_product_attention
 from attnzoo.attention.heads import affine_scaled, bam, diffqkv, mfa, moh, rcmha, shrp, sqa
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
-from attnzoo.attention.sparse import biformer, blockrank, sparse, sparsifiner
+from attnzoo.attention.sparse import (
+  biformer,
+  blockrank,
+  dhsa,
+  flux,
+  moa,
+  pbs,
+  rectified,
+  sparse,
+  sparsifiner,
+)
 
 FAMILIES: dict[str, Family] = {
   "softmax": softmax.FAMILY,
@@ -29,6 +39,11 @@ FAMILIES: dict[str, Family] = {
   "biformer": biformer.FAMILY,
   "blockrank": blockrank.FAMILY,
   "sparsifiner": sparsifiner.FAMILY,
+  "pbs": pbs.FAMILY,
+  "moa": moa.FAMILY,
+  "dhsa": dhsa.FAMILY,
+  "flux": flux.FAMILY,
+  "rectified": rectified.FAMILY,
 }
 
 
