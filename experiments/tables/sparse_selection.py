@@ -44,7 +44,7 @@ from absl import logging
 
 from attnzoo import masks, training
 from attnzoo.attention import dot_product_attention
-from attnzoo.attention.sparse import block_select, dhsa, dhsa_chunks, moa, pbs
+from attnzoo.attention.sparse import block_select, dhsa, dhsa_chunks, moa, pbs, rectified
 from attnzoo.attention.sparse.per_head import per_head_block_map, per_head_mask_attention
 from attnzoo.attention.sparse.sparsifiner import block_map_of
 from attnzoo.training import builders
@@ -61,7 +61,8 @@ SIZES = {  # train steps, capture length, tile, sequences captured
   "quick": dict(steps=120, T=512, tile=16, batch=2),
   "all": dict(steps=600, T=2048, tile=64, batch=2),
 }
-DENSITIES = (0.1, 0.2, 0.3, 0.5)
+DENSITIES = (0.1, 0.15, 0.2, 0.3, 0.5)
+RECTIFIED_KNOBS = (0.3, 0.5, 0.7, 0.9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,25 @@ def _dhsa(q, k, v, knob, tile):
   causal = jnp.tril(jnp.ones((T, T), bool))[None, None]
   bm = block_map_of(keep & causal, tile, tile)
   return (*_engine(q, k, v, tile, mask=keep, block_map=bm), _tiles_visited(bm))
+
+
+def _rectified(ipar, gapr):
+  """Rectified SpaAttn (arXiv 2511.19835) at p_remain = knob; the three ablations share the
+  selection (critical tiles), so their recall and density are equal and their errors compare
+  the corrections alone."""
+
+  def run(q, k, v, knob, tile):
+    tiles = rectified.plan(q, k, is_causal=True, block_q=tile, block_k=tile, p_remain=knob)
+    T = q.shape[1]
+    bm = rectified.critical_block_map(tiles, T=T, S=T, block_q=tile, block_k=tile)
+    out, lse = _engine(q, k, v, tile, block_map=bm)
+    if ipar:
+      out, _, _ = rectified.rectify(
+        out, lse, q, k, v, tiles, block_q=tile, block_k=tile, ipar=True, gapr=gapr
+      )
+    return out.astype(q.dtype), lse, _tiles_visited(bm)
+
+  return run
 
 
 def _moa(plans):
@@ -243,6 +263,9 @@ SELECTORS = (
   Selector("pbs (no permutation)", (0.3, 0.5, 0.7, 0.9, 0.95), _pbs(False)),
   Selector("sink + window", (1, 2, 4, 8, 12), _window),
   Selector("dhsa", (0.1, 0.2, 0.3, 0.5, 0.7), _dhsa),
+  Selector("rectified (plain)", RECTIFIED_KNOBS, _rectified(False, False)),
+  Selector("rectified +IPAR", RECTIFIED_KNOBS, _rectified(True, False)),
+  Selector("rectified +IPAR+GAPR", RECTIFIED_KNOBS, _rectified(True, True)),
 )
 MOA_BUDGETS = (0.15, 0.25, 0.4, 0.6)
 
@@ -392,6 +415,18 @@ def run(results_dir: str, size: str, log=print) -> str:
     if a is not None and b is not None:
       checks.append((target, a, b, a >= b))
   held = sum(c[3] for c in checks)
+  rect = [results[f"rectified {s}"] for s in ("(plain)", "+IPAR", "+IPAR+GAPR")]
+  rect_rows = [
+    (
+      a["knob"],
+      a["density"],
+      a["error"],
+      b["error"],
+      c["error"],
+      a["error"] > b["error"] > c["error"],
+    )
+    for a, b, c in zip(*rect, strict=True)
+  ]
   moa_rows = []
   T = captured[0][0].shape[1]
   budgets = sorted(plans[0])
@@ -431,6 +466,25 @@ def run(results_dir: str, size: str, log=print) -> str:
             common.CHECK if ok else common.CROSS,
           ]
           for t, a, b, ok in checks
+        ],
+      ),
+      "",
+      "Rectified SpaAttn (arXiv 2511.19835): on the same critical tiles, IPAR's rescale and "
+      "GAPR's pooled correction should each lower the error against dense attention (the "
+      "paper's bias argument; its numbers are video speed-ups, not comparable here):",
+      "",
+      common.markdown_table(
+        ["p_remain", "tile density", "error plain", "+IPAR", "+IPAR+GAPR", "plain > IPAR > GAPR"],
+        [
+          [
+            f"{k}",
+            f"{d:.3f}",
+            f"{e0:.3f}",
+            f"{e1:.3f}",
+            f"{e2:.3f}",
+            common.CHECK if ok else common.CROSS,
+          ]
+          for k, d, e0, e1, e2, ok in rect_rows
         ],
       ),
       "",
@@ -476,13 +530,20 @@ def run(results_dir: str, size: str, log=print) -> str:
       lm=lm_metrics,
       results=results,
       checks=checks,
+      rectified=rect_rows,
       moa=dict(
         rows=moa_rows, plans={str(k): {str(b): p for b, p in v.items()} for k, v in plans.items()}
       ),
     ),
   )
   _plot(results_dir, results)
-  return f"{len(selectors)} selectors; PBS permutation ≥ plain at {held}/{len(checks)} densities"
+  rect_ok = sum(r[-1] for r in rect_rows)
+  moa_ok = sum(1 for r in moa_rows if r[4] is not None and r[3] >= r[4])
+  return (
+    f"{len(selectors)} selectors; PBS permutation ≥ plain at {held}/{len(checks)} densities; "
+    f"Rectified corrections lower the error at {rect_ok}/{len(rect_rows)} p_remain; MoA ≥ "
+    f"window at {moa_ok}/{len(moa_rows)} budgets"
+  )
 
 
 def _plot(results_dir, results):
