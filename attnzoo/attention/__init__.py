@@ -9,13 +9,13 @@ from __future__ import annotations
 from attnzoo.attention.dense import softmax
 from attnzoo.attention.dense.softmax import dot_product_attention
 from attnzoo.attention.heads import affine_scaled, bam, diffqkv, mfa, moh, rcmha, shrp, sqa
+from attnzoo.attention.hybrid import flux
 from attnzoo.attention.linear import linear
 from attnzoo.attention.registry import IMPLEMENTATIONS, Family, resolve_implementation
 from attnzoo.attention.sparse import (
   biformer,
   blockrank,
   dhsa,
-  flux,
   moa,
   pbs,
   rectified,

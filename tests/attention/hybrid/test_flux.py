@@ -17,7 +17,7 @@ from flax import nnx
 
 from attnzoo import nn
 from attnzoo.attention import dot_product_attention, registry
-from attnzoo.attention.sparse import flux
+from attnzoo.attention.hybrid import flux
 from attnzoo.masks import Causal, DenseMask, SlidingWindow
 from attnzoo.models import ModelConfig, Transformer
 from attnzoo.training import steps

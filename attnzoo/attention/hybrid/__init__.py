@@ -1,0 +1,1 @@
+"""Hybrid attention: per-layer (or per-row) routing between attention mechanisms (Flux)."""
