@@ -158,6 +158,7 @@ def decide(
   argmax of the logits, no gradient."""
   tau = min(max(float(tau), TAU_RANGE[0]), TAU_RANGE[1])
   logits = logits.astype(jnp.float32)
+  _check_finite(logits)
   if train:
     noisy = logits
     if rng is not None:
@@ -170,7 +171,25 @@ def decide(
   else:
     soft = jax.nn.softmax(logits / tau, axis=-1)
     z = lax.stop_gradient(jax.nn.one_hot(jnp.argmax(logits, axis=-1), 2, dtype=jnp.float32))
-  return z[..., FA], soft[..., SA]
+  # Non-finite router logits (a diverged router) would make argmax pick a branch silently:
+  # the decision becomes NaN instead, so the output and the loss are NaN and the trainer stops
+  # with its non-finite-metrics error (eager calls raise in `_check_finite`).
+  ok = jnp.all(jnp.isfinite(logits), axis=-1)
+  z_fa = jnp.where(ok, z[..., FA], jnp.nan)
+  return z_fa, soft[..., SA]
+
+
+def _check_finite(logits) -> None:
+  """ValueError for concrete non-finite router logits (traced ones: see `decide`)."""
+  if isinstance(logits, jax.core.Tracer):
+    return
+  bad = ~np.isfinite(np.asarray(logits))
+  if bad.any():
+    raise ValueError(
+      f"flux router logits are non-finite at {int(bad.sum())} entries (e.g. index "
+      f"{tuple(int(i) for i in np.argwhere(bad)[0])}): the router diverged or its input is "
+      "NaN/inf; lower the learning rate or check the layer input"
+    )
 
 
 def sparsity_loss(
@@ -390,6 +409,7 @@ def attention(
     fa = run(mask=fa_mask, block_map=maps.get("fa"))
     sa = run(mask=sa_mask, block_map=maps.get("sa"))
     out = jnp.where(chose_fa_BT[:, :, None, None], fa, sa)
+    out = jnp.where(jnp.isnan(z_BT)[:, :, None, None], jnp.nan, out).astype(q.dtype)  # `decide`
 
   # Decisions weighted by the tokens they serve: valid rows (causal) or non-empty sequences.
   if z_BP.shape[1] == T:

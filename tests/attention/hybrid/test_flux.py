@@ -303,3 +303,11 @@ def test_bad_input_raises_naming_the_value(kw, match):
   kw = {"x": x, **kw}
   with pytest.raises((ValueError, TypeError), match=match):
     flux.attention(q, k, v, **{**KNOBS, **kw}, **_router(4.5))
+
+
+def test_non_finite_router_logits_are_never_a_silent_choice():
+  logits = jnp.array([[[jnp.nan, 1.0]]], jnp.float32)
+  with pytest.raises(ValueError, match="router logits are non-finite"):
+    flux.decide(logits, train=False)
+  z, _ = jax.jit(lambda lg: flux.decide(lg, train=False))(logits)  # traced: NaN, not a branch
+  assert np.isnan(np.asarray(z)).all()
